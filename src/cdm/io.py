@@ -1,0 +1,130 @@
+"""Weights on disk: a directory holding ``config.json`` + ``model.safetensors`` (+ optional JSON records).
+
+cdm never reads pickles. ``torch.load`` is not called anywhere in the project: a ``.pt``/``.pth``/``.ckpt``
+file offered as weights is refused before it is opened. Every write goes to a temporary file in the same
+directory and is renamed into place (``os.replace`` is atomic on POSIX), so a crash leaves either the old or
+the new file, never half of one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import WeightsError
+
+__all__ = [
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "file_sha256",
+    "load_state_dict",
+    "read_json",
+    "save_state_dict",
+    "state_dict_sha256",
+]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+_PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle"}
+_PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")  # protocol 2-5, zip (torch.save)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a torn one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: not found")
+    try:
+        obj = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WeightsError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise WeightsError(f"{path}: expected a JSON object")
+    return obj
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def state_dict_sha256(state: Mapping[str, torch.Tensor]) -> str:
+    """A hash of tensor names, dtypes, shapes and bytes: equal iff the weights are bit-identical."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def save_state_dict(path: str | os.PathLike, state: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Save tensors as safetensors, atomically."""
+    path = Path(path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _refuse_pickle(path: Path) -> None:
+    if path.suffix.lower() in _PICKLE_SUFFIXES:
+        raise WeightsError(f"{path}: refusing a pickle-based checkpoint ({path.suffix}); cdm loads safetensors only "
+                           "(convert it once, in a trusted environment, with safetensors.torch.save_file)")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head.startswith(_PICKLE_MAGIC):
+        raise WeightsError(f"{path}: this file is a pickle / torch.save archive, not safetensors; refusing to load it")
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load a safetensors file; pickles, missing and corrupt files raise :class:`WeightsError`."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / WEIGHTS_NAME
+    if not path.is_file():
+        raise WeightsError(f"{path}: not found")
+    _refuse_pickle(path)
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
