@@ -1,0 +1,49 @@
+"""Between stored images (uint8, 28x28, white ink on black) and the model's space.
+
+The shipped backbone works on 14x14 images: 2x2 average pooling in, bilinear upsampling out. Measured here,
+a patch-2 U-ViT at 14x14 trains to recognisable digits in minutes on a CPU, while patch 4 at 28x28 stayed at
+chance after 1k steps and patch 2 at 28x28 is six times slower. A latent autoencoder would plug in here
+with the same two methods.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import DataError
+
+__all__ = ["PixelCodec"]
+
+
+@dataclass(frozen=True)
+class PixelCodec:
+    data_size: int = 28  # side of stored images
+    model_size: int = 14  # side of the images the denoiser sees (data_size must be a multiple)
+
+    def __post_init__(self) -> None:
+        if self.data_size % self.model_size:
+            raise ValueError(f"data_size {self.data_size} is not a multiple of model_size {self.model_size}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def encode(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 (N, H, W) -> float (N, 1, m, m) in [-1, 1]."""
+        x = torch.as_tensor(np.array(images, copy=True))
+        if x.dtype != torch.uint8 or x.ndim != 3 or tuple(x.shape[1:]) != (self.data_size, self.data_size):
+            raise DataError(f"expected uint8 images (N, {self.data_size}, {self.data_size}), "
+                            f"got {x.dtype} {tuple(x.shape)}")
+        x = x.float().unsqueeze(1) / 127.5 - 1.0
+        k = self.data_size // self.model_size
+        return F.avg_pool2d(x, k) if k > 1 else x
+
+    def decode(self, x: torch.Tensor) -> np.ndarray:
+        """float (N, 1, m, m) in [-1, 1] -> uint8 (N, H, W)."""
+        x = x.detach().float().cpu()
+        if self.model_size != self.data_size:
+            x = F.interpolate(x, size=(self.data_size, self.data_size), mode="bilinear", align_corners=False)
+        return ((x[:, 0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()

@@ -1,0 +1,113 @@
+"""A frozen, pretrained backbone bundle: the U-ViT, its noise schedule and its pixel codec.
+
+On disk (``save_pretrained`` / ``from_pretrained``)::
+
+    config.json        {"kind": "cdm-backbone", "model": UViTConfig, "schedule": NoiseSchedule, "codec": PixelCodec}
+    model.safetensors  the U-ViT state dict (EMA weights), names as in baofff/U-ViT
+    training.json      optional record: command, commit, seed, steps, wall time, machine, data hashes
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from ..errors import WeightsError
+from ..io import CONFIG_NAME, WEIGHTS_NAME, atomic_write_json, load_state_dict, read_json, save_state_dict, state_dict_sha256
+from ..sampling import NoiseSchedule, classifier_free_guidance
+from .pixels import PixelCodec
+from .uvit import UViT, UViTConfig
+
+__all__ = ["Backbone", "load_uvit_state", "DEFAULT_BACKBONE"]
+
+KIND = "cdm-backbone"
+DEFAULT_BACKBONE = Path(__file__).resolve().parents[3] / "weights" / "backbone"
+
+
+def load_uvit_state(net: UViT, state: dict[str, torch.Tensor], origin: str = "checkpoint") -> None:
+    """``load_state_dict(strict=True)`` with a short, specific error instead of torch's wall of text."""
+    own = net.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing (e.g. {missing[0]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+    if wrong:
+        problems.append(f"{len(wrong)} of the wrong shape (e.g. {wrong[0]})")
+    if problems:
+        raise WeightsError(f"{origin}: does not fit this U-ViT config: " + "; ".join(problems))
+    net.load_state_dict(state, strict=True)
+
+
+@dataclass
+class Backbone:
+    """The frozen denoiser every compartment shares. ``eps(x, t, y=..., prompts=...)`` is a Denoiser."""
+
+    net: UViT
+    schedule: NoiseSchedule = field(default_factory=NoiseSchedule)
+    codec: PixelCodec = field(default_factory=PixelCodec)
+    record: dict | None = None
+
+    def __post_init__(self) -> None:
+        if self.codec.model_size != self.net.config.img_size:
+            raise WeightsError(f"codec model_size {self.codec.model_size} != U-ViT img_size {self.net.config.img_size}")
+
+    @property
+    def config(self) -> UViTConfig:
+        return self.net.config
+
+    @cached_property
+    def hash(self) -> str:
+        """sha256 of the weights: compartments record it and are refused on any other backbone."""
+        return state_dict_sha256(self.net.state_dict())
+
+    def freeze(self) -> "Backbone":
+        self.net.eval().requires_grad_(False)
+        return self
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        return self.net(x, t, **cond)
+
+    def guided(self, scale: float):
+        """The denoiser with classifier-free guidance against the null class."""
+        null = self.config.null_class
+        if scale != 1.0 and null is None:
+            raise ValueError("this backbone has no null class, so it cannot use classifier-free guidance")
+        return classifier_free_guidance(self.eps, scale, {"y": null}) if scale != 1.0 else self.eps
+
+    # -- persistence ---------------------------------------------------------------------------------
+    def save_pretrained(self, path: str | Path, record: dict | None = None) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_state_dict(path / WEIGHTS_NAME, self.net.state_dict())
+        atomic_write_json(path / CONFIG_NAME, {"kind": KIND, "model": self.config.to_dict(),
+                                               "schedule": self.schedule.to_dict(), "codec": self.codec.to_dict()})
+        if record is not None:
+            atomic_write_json(path / "training.json", record)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path = DEFAULT_BACKBONE) -> "Backbone":
+        path = Path(path)
+        if path.is_file():
+            load_state_dict(path)  # refuses pickles and non-safetensors files with a clear message
+            raise WeightsError(f"{path}: give the backbone directory (config.json + {WEIGHTS_NAME}), not a file")
+        if not path.is_dir():
+            raise WeightsError(f"{path}: no such backbone directory")
+        cfg = read_json(path / CONFIG_NAME)
+        if cfg.get("kind") != KIND:
+            raise WeightsError(f"{path / CONFIG_NAME}: kind is {cfg.get('kind')!r}, expected {KIND!r}")
+        try:
+            net = UViT(UViTConfig.from_dict(cfg["model"]))
+            schedule = NoiseSchedule(**cfg.get("schedule", {}))
+            codec = PixelCodec(**cfg.get("codec", {}))
+        except (KeyError, TypeError, ValueError) as e:
+            raise WeightsError(f"{path / CONFIG_NAME}: invalid config ({e})") from None
+        load_uvit_state(net, load_state_dict(path / WEIGHTS_NAME), origin=str(path / WEIGHTS_NAME))
+        rec = path / "training.json"
+        return cls(net, schedule, codec, read_json(rec) if rec.exists() else None).freeze()

@@ -1,0 +1,265 @@
+"""U-ViT (Bao et al., 2022, "All are Worth Words"), with deep prompts.
+
+Parameter names and shapes equal those of the reference implementation (github baofff/U-ViT,
+``libs/uvit.py``), so a published checkpoint, converted once to safetensors, loads with ``strict=True`` and
+gives the same outputs (same token order ``[label, time, patches]``, same ``(p1 p2 C)`` pixel order within a
+patch). Written here rather than imported because the reference ships no package, and because cdm adds one
+thing to it: *deep prompts* (Jia et al., 2022; the CDM paper's compartments), learnable tokens prepended to
+the sequence before every block and dropped after it.
+
+Prompts: a tensor ``(B or 1, n_blocks, P, D)`` with ``n_blocks = depth // 2 + 1 + depth // 2`` (in-blocks, mid
+block, out-blocks in order). Block ``k`` sees ``cat(prompts[:, k], tokens)``; its prompt outputs are thrown
+away, so prompts steer the image tokens through attention only. In out-blocks the prompt is prepended after
+``skip_linear`` (prompts have no skip partner). ``prompts=None`` is the plain U-ViT.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["UViT", "UViTConfig", "timestep_embedding", "patchify", "unpatchify"]
+
+
+@dataclass(frozen=True)
+class UViTConfig:
+    img_size: int = 14  # side of the (square) model-space image
+    patch_size: int = 2  # side of a patch; img_size must be a multiple
+    in_chans: int = 1  # image channels
+    embed_dim: int = 128  # token width D
+    depth: int = 7  # blocks in all: depth // 2 in, 1 mid, depth // 2 out
+    num_heads: int = 4  # attention heads (embed_dim must be a multiple)
+    mlp_ratio: float = 4.0  # MLP hidden width / D
+    qkv_bias: bool = False  # the reference default: no bias on qkv
+    mlp_time_embed: bool = True  # time token = MLP(sinusoid) instead of the bare sinusoid
+    num_classes: int = 11  # rows of label_emb (reference semantics: -1 = unconditional, no label token)
+    null_class: int | None = 10  # the label row used as "no condition" for classifier-free guidance
+    conv: bool = True  # 3x3 final_layer conv after unpatchify
+    skip: bool = True  # long skip connections (skip_linear) in the out-blocks
+
+    def __post_init__(self) -> None:
+        if self.img_size % self.patch_size:
+            raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not a multiple of num_heads {self.num_heads}")
+        if self.null_class is not None and not 0 <= self.null_class < self.num_classes:
+            raise ValueError(f"null_class {self.null_class} outside 0..{self.num_classes - 1}")
+
+    @property
+    def n_blocks(self) -> int:
+        return 2 * (self.depth // 2) + 1
+
+    @property
+    def num_patches(self) -> int:
+        return (self.img_size // self.patch_size) ** 2
+
+    @property
+    def extras(self) -> int:
+        """Tokens before the patches: label (if class-conditional) and time."""
+        return 2 if self.num_classes > 0 else 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "UViTConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown U-ViT config fields: {', '.join(unknown)}")
+        return cls(**d)
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding ``[cos, sin]`` of (possibly fractional) timesteps, as in the reference."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
+    args = timesteps[:, None].float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, (H/p)(W/p), p*p*C), pixel order (p1 p2 C) within a patch."""
+    b, c, h, w = x.shape
+    x = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)
+    return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """Inverse of :func:`patchify`."""
+    b, n, pd = x.shape
+    p = int(round((pd // channels) ** 0.5))
+    h = int(round(n**0.5))
+    if h * h != n or p * p * channels != pd:
+        raise ValueError(f"cannot unpatchify tokens of shape {tuple(x.shape)} with {channels} channels")
+    x = x.reshape(b, h, h, p, p, channels).permute(0, 5, 1, 3, 2, 4)
+    return x.reshape(b, channels, h * p, h * p)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = False):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, H, N, Dh); scale Dh^-1/2 as reference
+        return self.proj(x.transpose(1, 2).reshape(b, n, d))
+
+
+class Mlp(nn.Module):
+    """timm's Mlp layout (fc1, GELU, fc2), so that parameter names match."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block; out-blocks first fuse the long skip with ``skip_linear(cat(x, skip))``."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, skip: bool = False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, num_heads, qkv_bias)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.skip_linear = nn.Linear(2 * dim, dim) if skip else None
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None, prompt: torch.Tensor | None = None) -> torch.Tensor:
+        if self.skip_linear is not None:
+            x = self.skip_linear(torch.cat([x, skip], dim=-1))
+        if prompt is not None:
+            x = torch.cat([prompt.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)
+        x = x + self.attn(self.norm1(x))
+        x = x + self.mlp(self.norm2(x))
+        if prompt is not None:
+            x = x[:, prompt.shape[1]:]
+        return x
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+def _sincos_2d(dim: int, grid: int) -> torch.Tensor:
+    """2-D sin-cos position table (grid*grid, dim): half the channels encode rows, half columns."""
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    coords = torch.arange(grid, dtype=torch.float64)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+    out = []
+    for pos in (rows.reshape(-1), cols.reshape(-1)):
+        args = pos[:, None] * omega[None]
+        out += [torch.sin(args), torch.cos(args)]
+    table = torch.cat(out, dim=1)
+    return F.pad(table, (0, dim - table.shape[1])).float()
+
+
+class UViT(nn.Module):
+    """The U-ViT noise-prediction network: ``forward(x, timesteps, y=None, prompts=None) -> eps``.
+
+    ``timesteps`` are the discrete training timesteps (0..T-1, as U-ViT's latent models take them) and may be
+    fractional. ``y`` holds class labels; pass ``config.null_class`` for the unconditional branch.
+    """
+
+    def __init__(self, config: UViTConfig | None = None, **overrides):
+        super().__init__()
+        c = config or UViTConfig()
+        if overrides:
+            c = UViTConfig.from_dict({**c.to_dict(), **overrides})
+        self.config = c
+        d = c.embed_dim
+        self.patch_embed = PatchEmbed(c.patch_size, c.in_chans, d)
+        self.time_embed = (
+            nn.Sequential(nn.Linear(d, 4 * d), nn.SiLU(), nn.Linear(4 * d, d)) if c.mlp_time_embed else nn.Identity()
+        )
+        if c.num_classes > 0:
+            self.label_emb = nn.Embedding(c.num_classes, d)
+        self.pos_embed = nn.Parameter(torch.zeros(1, c.extras + c.num_patches, d))
+        blk = dict(dim=d, num_heads=c.num_heads, mlp_ratio=c.mlp_ratio, qkv_bias=c.qkv_bias)
+        self.in_blocks = nn.ModuleList([Block(**blk) for _ in range(c.depth // 2)])
+        self.mid_block = Block(**blk)
+        self.out_blocks = nn.ModuleList([Block(**blk, skip=c.skip) for _ in range(c.depth // 2)])
+        self.norm = nn.LayerNorm(d)
+        self.decoder_pred = nn.Linear(d, c.patch_size**2 * c.in_chans)
+        self.final_layer = nn.Conv2d(c.in_chans, c.in_chans, 3, padding=1) if c.conv else nn.Identity()
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        with torch.no_grad():
+            c = self.config
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+            # Patches start from a 2-D sin-cos table (measured here to train much faster than random init).
+            self.pos_embed[0, c.extras:] = _sincos_2d(c.embed_dim, c.img_size // c.patch_size)
+
+    @property
+    def n_blocks(self) -> int:
+        return self.config.n_blocks
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        y: torch.Tensor | None = None,
+        prompts: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        c = self.config
+        if x.ndim != 4 or x.shape[1:] != (c.in_chans, c.img_size, c.img_size):
+            raise ValueError(f"expected input (B, {c.in_chans}, {c.img_size}, {c.img_size}), got {tuple(x.shape)}")
+        if timesteps.ndim == 0:
+            timesteps = timesteps.expand(x.shape[0])
+        if prompts is not None and (prompts.ndim != 4 or prompts.shape[1] != c.n_blocks or prompts.shape[3] != c.embed_dim
+                                    or prompts.shape[0] not in (1, x.shape[0])):
+            raise ValueError(f"prompts must be (B or 1, {c.n_blocks}, P, {c.embed_dim}), got {tuple(prompts.shape)}")
+        if c.num_classes > 0 and y is None:
+            if c.null_class is None:
+                raise ValueError("this U-ViT is class-conditional and has no null class: pass y")
+            y = torch.full((x.shape[0],), c.null_class, dtype=torch.long, device=x.device)
+        if c.num_classes <= 0 and y is not None:
+            raise ValueError("this U-ViT is unconditional: it takes no y")
+        h = self.patch_embed(x)
+        time_token = self.time_embed(timestep_embedding(timesteps, c.embed_dim).to(h.dtype))
+        h = torch.cat([time_token.unsqueeze(1), h], dim=1)
+        if y is not None:
+            h = torch.cat([self.label_emb(y.expand(x.shape[0])).unsqueeze(1), h], dim=1)
+        h = h + self.pos_embed
+        k = iter(range(c.n_blocks))
+        p = (lambda: prompts[:, next(k)]) if prompts is not None else (lambda: None)
+        skips = []
+        for blk in self.in_blocks:
+            h = blk(h, prompt=p())
+            skips.append(h)
+        h = self.mid_block(h, prompt=p())
+        for blk in self.out_blocks:
+            h = blk(h, skips.pop(), prompt=p())
+        h = self.decoder_pred(self.norm(h))[:, c.extras:]
+        return self.final_layer(unpatchify(h, c.in_chans))

@@ -1,0 +1,1 @@
+"""The ``cdm`` command line (top layer: imports everything, nothing imports it)."""

@@ -1,0 +1,202 @@
+"""A user's own images: a folder of PNG/JPEG files, or an .npz archive (never pickles).
+
+Every image ends up as 28x28 uint8, white ink on black. Any problem is a :class:`DataError` naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import DataError
+from .source import IMAGE_SIZE, Source
+
+__all__ = ["IMAGE_SUFFIXES", "load_folder", "load_npz", "to_mnist_style"]
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
+_GRAY_TOLERANCE = 2  # colour channels may differ by this many levels and still count as grey
+_NPZ_KEYS = ("images", "labels", "classes")
+
+
+def _is_image_file(path: Path) -> bool:
+    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def _gray_array(img: Image.Image, name: str) -> np.ndarray:
+    """The image as a 2-D uint8 array; colour is accepted only if it is grey stored as colour, fully opaque."""
+    mode = img.mode
+    if mode == "L":
+        return np.asarray(img, dtype=np.uint8)
+    if mode == "1":
+        return np.asarray(img.convert("L"), dtype=np.uint8)
+    if mode.startswith("I"):  # 16-bit grey (I;16, I;16B, I): scale 0..65535 to 0..255
+        wide = np.asarray(img, dtype=np.float64)
+        return np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8)
+    if mode == "F":
+        raise DataError(f"{name}: floating-point images are not supported")
+    if mode not in ("LA", "RGB", "RGBA"):  # palette, CMYK, YCbCr, ...: compare the colour channels
+        has_alpha = "A" in img.getbands() or "transparency" in img.info
+        img = img.convert("RGBA" if has_alpha else "RGB")
+    arr = np.asarray(img, dtype=np.int16)
+    if img.mode in ("LA", "RGBA"):
+        if arr[..., -1].min() < 255:
+            raise DataError(f"{name}: image has transparent pixels; cdm needs opaque single-channel images")
+        arr = arr[..., :-1]
+    if arr.shape[-1] > 1 and int((arr.max(axis=-1) - arr.min(axis=-1)).max()) > _GRAY_TOLERANCE:
+        raise DataError(f"{name}: is a colour image; cdm models are single-channel (greyscale)")
+    return np.rint(arr.mean(axis=-1)).astype(np.uint8)
+
+
+def to_mnist_style(gray: np.ndarray, name: str, *, invert: bool | None = None) -> np.ndarray:
+    """A square 2-D uint8 image as 28x28 white-on-black.
+
+    ``invert=None`` inverts when the mean of the 1-pixel border exceeds 127 (black ink on white paper).
+    Other sizes are resized with a Lanczos filter.
+    """
+    h, w = gray.shape
+    if h != w:
+        raise DataError(f"{name}: image is {w}x{h}, expected a square image")
+    if h == 0:
+        raise DataError(f"{name}: image is empty")
+    if invert is None:
+        border = np.concatenate([gray[0], gray[-1], gray[1:-1, 0], gray[1:-1, -1]])
+        invert = float(border.mean()) > 127
+    if invert:
+        gray = 255 - gray
+    if h != IMAGE_SIZE:
+        resized = Image.fromarray(gray).resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
+        gray = np.asarray(resized, dtype=np.uint8)
+    return gray
+
+
+def _read_image(path: Path, invert: bool | None) -> np.ndarray:
+    try:
+        with Image.open(path) as img:
+            img.load()
+            gray = _gray_array(img, str(path))
+    except DataError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: not a readable PNG/JPEG image ({e})") from None
+    return to_mnist_style(gray, str(path), invert=invert)
+
+
+def _default_id(path: str | os.PathLike) -> str:
+    return str(Path(path))
+
+
+def load_folder(path: str | os.PathLike, *, id: str | None = None, invert: bool | None = None) -> Source:
+    """Images (.png/.jpg/.jpeg, any case) in a folder, as 28x28 white-on-black.
+
+    With subfolders, each subfolder is a class (names sorted; labels in that order) holding its samples
+    directly; with files only, the source is unlabelled. Names starting with "." are ignored; files are read
+    in sorted name order. Images must be square (any size; resized to 28x28) and greyscale (grey stored as
+    opaque RGB/RGBA is fine). ``invert``: None detects black ink on white by the border, True/False forces it.
+    The default ``id`` is the path as given.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise DataError(f"{root}: not a folder" if root.exists() else f"{root}: no such folder")
+    entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
+    subdirs = [p for p in entries if p.is_dir()]
+    top_images = [p for p in entries if _is_image_file(p)]
+    files_by_class: list[list[Path]]
+    if subdirs:
+        if top_images:
+            raise DataError(f"{root}: has both class subfolders and image files ({top_images[0].name}); use one layout")
+        classes = tuple(p.name for p in subdirs)
+        files_by_class = [sorted(p for p in d.iterdir() if _is_image_file(p)) for d in subdirs]
+        for d, files in zip(subdirs, files_by_class, strict=True):
+            if not files:
+                raise DataError(f"{d}: class folder has no PNG/JPEG images")
+    else:
+        if not top_images:
+            raise DataError(f"{root}: no PNG/JPEG images found")
+        classes = ()
+        files_by_class = [top_images]
+    images = [_read_image(f, invert) for files in files_by_class for f in files]
+    labels = None
+    if classes:
+        labels = np.concatenate([np.full(len(files), c, dtype=np.int64) for c, files in enumerate(files_by_class)])
+    return Source(id=id or _default_id(path), images=np.stack(images), labels=labels, classes=classes)
+
+
+def load_npz(path: str | os.PathLike, *, id: str | None = None) -> Source:
+    """An .npz archive with ``images`` and optional ``labels`` and ``classes`` (read with allow_pickle=False).
+
+    ``images``: uint8, shape (N, 28, 28), (N, 28, 28, 1), or (N, H, H) for any square size (resized),
+    white ink on black. ``labels``: integers >= 0, length N. ``classes``: strings, one per label value
+    (default "0", "1", ...). Other keys are refused. The default ``id`` is the path as given.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"{file}: no such file")
+    if not zipfile.is_zipfile(file):
+        raise DataError(f"{file}: not an .npz archive (not a zip file)")
+    try:
+        with np.load(file, allow_pickle=False) as archive:
+            keys = set(archive.files)
+            unknown = sorted(keys - set(_NPZ_KEYS))
+            if unknown:
+                raise DataError(f"{file}: unexpected keys {', '.join(unknown)} (expected images, labels, classes)")
+            if "images" not in keys:
+                raise DataError(f"{file}: no 'images' array")
+            arrays = {key: archive[key] for key in _NPZ_KEYS if key in keys}
+    except DataError:
+        raise
+    except ValueError as e:
+        if "pickle" in str(e).lower() or "object" in str(e).lower():
+            raise DataError(f"{file}: holds an object array (pickled data), which cdm never loads") from None
+        raise DataError(f"{file}: not a valid .npz archive ({e})") from None
+    except (OSError, zipfile.BadZipFile, zlib.error, EOFError, KeyError) as e:
+        raise DataError(f"{file}: not a valid .npz archive ({e})") from None
+    images = _npz_images(arrays["images"], file)
+    labels, classes = _npz_labels(arrays.get("labels"), arrays.get("classes"), len(images), file)
+    return Source(id=id or _default_id(path), images=images, labels=labels, classes=classes)
+
+
+def _npz_images(images: np.ndarray, file: Path) -> np.ndarray:
+    if images.dtype != np.uint8:
+        raise DataError(f"{file}: images have dtype {images.dtype}, expected uint8 (0..255, white ink on black)")
+    if images.ndim == 4 and images.shape[-1] == 1:
+        images = images[..., 0]
+    if images.ndim != 3:
+        raise DataError(f"{file}: images have shape {images.shape}, expected (N, 28, 28) or (N, 28, 28, 1)")
+    n, h, w = images.shape
+    if n == 0:
+        raise DataError(f"{file}: holds no images")
+    if h != w or h == 0:
+        raise DataError(f"{file}: images are {w}x{h}, expected square images")
+    if h == IMAGE_SIZE:
+        return np.ascontiguousarray(images)
+    return np.stack([to_mnist_style(img, str(file), invert=False) for img in images])
+
+
+def _npz_labels(
+    labels: np.ndarray | None, classes: np.ndarray | None, n: int, file: Path
+) -> tuple[np.ndarray | None, tuple[str, ...]]:
+    if labels is None:
+        if classes is not None:
+            raise DataError(f"{file}: has 'classes' but no 'labels'")
+        return None, ()
+    if labels.dtype.kind not in "iu":
+        raise DataError(f"{file}: labels have dtype {labels.dtype}, expected integers")
+    if labels.shape != (n,):
+        raise DataError(f"{file}: labels have shape {labels.shape}, expected ({n},) to match {n} images")
+    if labels.min() < 0:
+        raise DataError(f"{file}: labels must be non-negative")
+    if classes is None:
+        return labels.astype(np.int64), tuple(str(c) for c in range(int(labels.max()) + 1))
+    if classes.dtype.kind != "U" or classes.ndim != 1:
+        raise DataError(f"{file}: classes must be a 1-D array of strings")
+    names = tuple(str(c) for c in classes)
+    if labels.max() >= len(names):
+        raise DataError(f"{file}: label {int(labels.max())} has no class name ({len(names)} classes)")
+    if len(set(names)) != len(names) or not all(names):
+        raise DataError(f"{file}: class names must be distinct and non-empty")
+    return labels.astype(np.int64), names

@@ -1,0 +1,31 @@
+"""Judging generated digits: a small digit classifier, its accuracy/confidence on samples, and FID on its features."""
+
+from __future__ import annotations
+
+from .classifier import (
+    CLASSIFIER_KIND,
+    TRAINING_RECORD_NAME,
+    ClassifierConfig,
+    DigitClassifier,
+    check_images,
+    down_up,
+    to_input,
+    train_classifier,
+)
+from .metrics import FeatureExtractor, FIDScorer, classify, fid, judge
+
+__all__ = [
+    "CLASSIFIER_KIND",
+    "TRAINING_RECORD_NAME",
+    "ClassifierConfig",
+    "DigitClassifier",
+    "FIDScorer",
+    "FeatureExtractor",
+    "check_images",
+    "classify",
+    "down_up",
+    "fid",
+    "judge",
+    "to_input",
+    "train_classifier",
+]

@@ -1,0 +1,74 @@
+"""From a denoiser to stored-format images: noise -> solver -> codec.decode.
+
+Works with any denoiser callable (the backbone, a compartment, a composed model), so every later feature
+samples through this one function.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .backbone import Backbone, PixelCodec
+from .sampling import Denoiser, NoiseSchedule, classifier_free_guidance, sample
+
+__all__ = ["generate", "sample_backbone", "MAX_SAMPLES"]
+
+MAX_SAMPLES = 100_000  # one call; larger requests are refused rather than exhausting memory
+
+
+def generate(
+    eps: Denoiser,
+    *,
+    schedule: NoiseSchedule,
+    codec: PixelCodec,
+    labels: np.ndarray | None = None,
+    n: int | None = None,
+    null_class: int | None = None,
+    guidance: float = 1.0,
+    solver: str = "ddim",
+    steps: int = 50,
+    seed: int = 0,
+    bf16: bool = False,
+    batch_size: int = 250,
+    in_chans: int = 1,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Draw images. Class-conditional when ``labels`` is given (one image per label), else ``n`` images.
+
+    The initial noise of all images comes from one generator seeded with ``seed``, so results do not depend
+    on ``batch_size``.
+    """
+    if labels is None and n is None:
+        raise ValueError("give labels (class-conditional) or n (unconditional)")
+    count = len(labels) if labels is not None else int(n)
+    if not 1 <= count <= MAX_SAMPLES:
+        raise ValueError(f"number of images must be in 1..{MAX_SAMPLES}, got {count}")
+    if guidance != 1.0:
+        if labels is None or null_class is None:
+            raise ValueError("classifier-free guidance needs labels and a null class")
+        eps = classifier_free_guidance(eps, guidance, {"y": null_class})
+    m = codec.model_size
+    noise = torch.randn((count, in_chans, m, m), generator=torch.Generator().manual_seed(seed))
+    y_all = None if labels is None else torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    out = []
+    chunks = range(0, count, batch_size)
+    if progress:
+        from rich.progress import track
+
+        chunks = track(chunks, description=f"sampling {count} images")
+    for s in chunks:
+        cond = {} if y_all is None else {"y": y_all[s:s + batch_size]}
+        x = sample(eps, noise[s:s + batch_size], schedule=schedule, solver=solver, steps=steps, cond=cond, bf16=bf16)
+        out.append(codec.decode(x))
+    return np.concatenate(out), (None if labels is None else np.asarray(labels, dtype=np.int64))
+
+
+def sample_backbone(backbone: Backbone, per_class: int = 10, classes: list[int] | None = None, **kwargs):
+    """``per_class`` images of each class (default: all real classes, i.e. every label but the null one)."""
+    c = backbone.config
+    if classes is None:
+        classes = [k for k in range(c.num_classes) if k != c.null_class]
+    labels = np.repeat(np.asarray(classes, dtype=np.int64), per_class)
+    return generate(backbone.eps, schedule=backbone.schedule, codec=backbone.codec, labels=labels,
+                    null_class=c.null_class, in_chans=c.in_chans, **kwargs)

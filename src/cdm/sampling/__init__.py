@@ -1,0 +1,6 @@
+"""Noise schedule and solvers (bottom layer: imports no model)."""
+
+from .schedule import SCHEDULES, NoiseSchedule
+from .solvers import SOLVERS, Denoiser, classifier_free_guidance, sample
+
+__all__ = ["SCHEDULES", "SOLVERS", "Denoiser", "NoiseSchedule", "classifier_free_guidance", "sample"]

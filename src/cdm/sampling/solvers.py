@@ -1,0 +1,117 @@
+"""Samplers as free functions over a denoiser callable ``eps(x, t, **cond) -> eps_hat``.
+
+A solver never sees a model class: a backbone, a compartment, a classifier-free-guided or a composed
+denoiser are all just callables (k-diffusion's design). The update rules are diffusers' (DDIMScheduler and
+DPMSolverMultistepScheduler): they are well tested, and the loop around them is ours because diffusers'
+pipelines are tied to its own model classes.
+
+Both solvers use "trailing" timestep spacing (the first step starts at t = T-1, where the cosine schedule is
+pure noise) and clip the predicted x_0 to [-1, 1] with epsilon recomputed from the clipped x_0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Protocol
+
+import torch
+
+from .schedule import NoiseSchedule
+
+__all__ = ["Denoiser", "SOLVERS", "sample", "classifier_free_guidance"]
+
+
+class Denoiser(Protocol):
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor: ...
+
+
+def _ddim(schedule: NoiseSchedule, clip: bool):
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(**schedule.scheduler_kwargs(), clip_sample=clip, clip_sample_range=1.0,
+                         set_alpha_to_one=True, timestep_spacing="trailing"), {"eta": 0.0, "use_clipped_model_output": True}
+
+
+def _dpmpp2m(schedule: NoiseSchedule, clip: bool):
+    from diffusers import DPMSolverMultistepScheduler
+
+    # thresholding with sample_max_value=1 clips x_0 to [-1, 1] (the dynamic quantile is clamped to [1, 1]).
+    return DPMSolverMultistepScheduler(**schedule.scheduler_kwargs(), algorithm_type="dpmsolver++", solver_order=2,
+                                       thresholding=clip, sample_max_value=1.0, timestep_spacing="trailing",
+                                       lower_order_final=True, final_sigmas_type="zero"), {}
+
+
+# name -> factory(schedule, clip) -> (diffusers scheduler, step kwargs)
+SOLVERS: dict[str, Callable] = {"ddim": _ddim, "dpmpp2m": _dpmpp2m}
+
+
+def classifier_free_guidance(eps: Denoiser, scale: float, uncond: dict) -> Denoiser:
+    """``eps_u + scale * (eps_c - eps_u)`` (scale 1 = purely conditional), in one batched call.
+
+    ``uncond`` replaces condition entries for the unconditional branch (e.g. ``{"y": null_label}``); a tensor
+    condition with a batch dimension is concatenated with its unconditional counterpart.
+    """
+    if scale == 1.0:
+        return eps
+
+    def guided(x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        b = x.shape[0]
+        unknown = sorted(set(uncond) - set(cond))
+        if unknown:
+            raise ValueError(f"unconditional entries {unknown} have no conditional counterpart")
+        cond2 = {}
+        for k, v in cond.items():
+            if k in uncond:
+                cond2[k] = torch.cat([v, torch.as_tensor(uncond[k], device=v.device, dtype=v.dtype).expand_as(v)])
+            elif torch.is_tensor(v) and v.ndim and v.shape[0] == b:
+                cond2[k] = torch.cat([v, v])
+            else:
+                cond2[k] = v
+        out = eps(torch.cat([x, x]), torch.cat([t, t]), **cond2)
+        e_c, e_u = out[:b], out[b:]
+        return e_u + scale * (e_c - e_u)
+
+    return guided
+
+
+@torch.no_grad()
+def sample(
+    eps: Denoiser,
+    noise: torch.Tensor,
+    *,
+    schedule: NoiseSchedule,
+    solver: str = "ddim",
+    steps: int = 50,
+    cond: dict | None = None,
+    clip: bool = True,
+    bf16: bool = False,
+    callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Integrate the reverse process from ``noise`` (x_T) to x_0 with ``steps`` denoiser evaluations.
+
+    ``callback(i, t, x)`` is called after each step. ``bf16`` runs the denoiser under bfloat16 autocast (the
+    solver state stays float32).
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; known: {', '.join(SOLVERS)}")
+    if not 1 <= steps <= schedule.num_train_timesteps:
+        raise ValueError(f"steps must be in 1..{schedule.num_train_timesteps}, got {steps}")
+    sched, step_kwargs = SOLVERS[solver](schedule, clip)
+    sched.set_timesteps(steps)
+    x = noise.float()
+    cond = cond or {}
+    amp = torch.autocast(x.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    timesteps = sched.timesteps
+    if progress:
+        from rich.progress import track
+
+        timesteps = track(timesteps, description=f"{solver} x{steps}", transient=True)
+    for i, t in enumerate(timesteps):
+        tb = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
+        with amp:
+            e = eps(x, tb, **cond)
+        x = sched.step(e.float(), t, x, **step_kwargs).prev_sample
+        if callback is not None:
+            callback(i, tb, x)
+    return x

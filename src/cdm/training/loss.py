@@ -1,0 +1,28 @@
+"""The denoising loss, as a small callable (EDM's ``loss.py`` style).
+
+Noise and timesteps are drawn *outside* the model and passed in, so the same function serves plain training,
+prompt tuning and DP-SGD (where Opacus needs the model's forward to take the batch only).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..sampling import Denoiser, NoiseSchedule
+
+__all__ = ["draw_noise", "eps_loss"]
+
+
+def draw_noise(x0: torch.Tensor, schedule: NoiseSchedule, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uniform integer timesteps and standard normal noise for a batch."""
+    t = torch.randint(0, schedule.num_train_timesteps, (x0.shape[0],), generator=generator)
+    noise = torch.randn(x0.shape, generator=generator)
+    return t, noise
+
+
+def eps_loss(eps: Denoiser, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, schedule: NoiseSchedule,
+             reduction: str = "mean", **cond) -> torch.Tensor:
+    """``|| eps(x_t, t) - noise ||^2`` averaged over pixels; ``reduction="none"`` keeps one value per sample."""
+    xt = schedule.add_noise(x0, noise, t)
+    per_sample = (eps(xt, t, **cond).float() - noise).pow(2).flatten(1).mean(1)
+    return per_sample if reduction == "none" else per_sample.mean()

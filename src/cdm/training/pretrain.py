@@ -1,0 +1,221 @@
+"""Class-conditional pretraining of the backbone on PUBLIC data only (``cdm pretrain``).
+
+The public training set is the fixed public slice of the embedded MNIST (100 per class, chosen by content
+hash, see :mod:`cdm.data`) plus, optionally, synthetic font glyphs of the digits. Nothing from the protected
+4,000 digits can reach this loop: :func:`public_training_set` is the only data it reads, and its sample
+hashes are written into the training record (tests check them against the protected hashes).
+
+Deterministic: every step draws its batch, timesteps, noise and label dropout from a generator seeded by
+``(seed, step)``, so a run resumed from a checkpoint is bit-identical to an uninterrupted one (same machine,
+same thread count).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..backbone import Backbone, PixelCodec, UViT, UViTConfig
+from ..data.glyphs import glyphs
+from ..data.mnist import public_protected
+from ..data.source import Source
+from ..errors import TrainingError
+from ..sampling import NoiseSchedule
+from .checkpoint import load_checkpoint, save_checkpoint
+from .loss import draw_noise, eps_loss
+
+__all__ = ["PretrainConfig", "pretrain", "public_training_set", "machine_info", "git_commit"]
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    # model (see UViTConfig)
+    img_size: int = 14  # model-space side; stored 28x28 images are 2x2 average-pooled
+    patch_size: int = 2
+    embed_dim: int = 128
+    depth: int = 7
+    num_heads: int = 4
+    schedule: str = "cosine"  # noise schedule name (cdm.sampling.SCHEDULES)
+    # data
+    glyphs: int = 0  # synthetic digit glyphs added to the 1,000 public MNIST digits (0 = none)
+    # optimisation
+    steps: int = 3600  # total optimiser steps
+    batch_size: int = 64
+    lr: float = 2e-3  # AdamW peak learning rate
+    lr_schedule: str = "constant"  # "constant" or "cosine" (to 10% of lr) after warm-up
+    warmup: int = 200  # linear warm-up steps
+    weight_decay: float = 0.03  # on weight matrices only
+    grad_clip: float = 1.0  # max global grad norm
+    ema_decay: float = 0.999  # EMA of weights (the EMA is what ships)
+    label_dropout: float = 0.1  # share of labels replaced by the null class (for classifier-free guidance)
+    seed: int = 0
+    checkpoint_every: int = 200  # steps between checkpoints
+
+    def model_config(self) -> UViTConfig:
+        return UViTConfig(img_size=self.img_size, patch_size=self.patch_size, embed_dim=self.embed_dim,
+                          depth=self.depth, num_heads=self.num_heads, num_classes=11, null_class=10)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PretrainConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def public_training_set(cfg: PretrainConfig) -> Source:
+    """The only data pretraining reads: the public MNIST slice (+ digit glyphs if ``cfg.glyphs``)."""
+    public, _ = public_protected()
+    if not cfg.glyphs:
+        return public
+    g = glyphs(cfg.glyphs, seed=cfg.seed, charset="digits")
+    return Source(id=f"{public.id}+{g.id}", images=np.concatenate([public.images, g.images]),
+                  labels=np.concatenate([public.labels, g.labels]), classes=public.classes)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=5, cwd=Path(__file__).resolve().parent).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def machine_info() -> dict:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": sys.version.split()[0],
+            "torch": torch.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def _lr(cfg: PretrainConfig, step: int) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    if cfg.lr_schedule == "cosine":
+        frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+    return cfg.lr
+
+
+def _step_generator(seed: int, step: int) -> torch.Generator:
+    digest = hashlib.sha256(f"cdm-pretrain/{seed}/{step}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+def pretrain(cfg: PretrainConfig, out: str | Path, *, max_minutes: float | None = None, progress: bool = True,
+             command: str | None = None, on_batch: Callable[[np.ndarray], None] | None = None) -> dict:
+    """Train (or resume) a backbone in ``out``; when ``cfg.steps`` are done, write the shipped bundle there.
+
+    ``out/checkpoint.safetensors`` holds the resumable state; ``max_minutes`` stops early after a checkpoint
+    (train in chunks). Returns the training record (``finished`` says whether all steps are done).
+    """
+    if cfg.lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {cfg.lr_schedule!r}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.use_deterministic_algorithms(True)
+    data = public_training_set(cfg)
+    codec = PixelCodec(data_size=28, model_size=cfg.img_size)
+    schedule = NoiseSchedule(cfg.schedule)
+    x_all = codec.encode(data.images)
+    y_all = torch.as_tensor(data.labels, dtype=torch.long)
+
+    torch.manual_seed(cfg.seed)
+    net = UViT(cfg.model_config())
+    ema = copy.deepcopy(net).requires_grad_(False)
+    decay, no_decay = [], []
+    for n, p in net.named_parameters():
+        (decay if p.ndim >= 2 and n != "pos_embed" else no_decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.99))
+    ckpt = out / "checkpoint.safetensors"
+    step, wall, losses = 0, 0.0, []
+    if ckpt.exists():
+        header = load_checkpoint(ckpt, net, ema, opt)
+        saved = PretrainConfig.from_dict(header.get("config", {}))
+        if {**saved.to_dict(), "steps": 0} != {**cfg.to_dict(), "steps": 0}:
+            raise TrainingError(f"{ckpt}: was trained with another config; use a new --out or the same config")
+        step, wall, losses = header["step"], header["wall_seconds"], header.get("recent_losses", [])
+
+    def header() -> dict:
+        return {"config": cfg.to_dict(), "step": step, "wall_seconds": round(wall, 2), "recent_losses": losses[-100:]}
+
+    t_start = time.perf_counter()
+    last_save = step
+    bar = None
+    if progress:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        bar = Progress(TextColumn("pretrain"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                       TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn())
+        task = bar.add_task("pretrain", total=cfg.steps, completed=step, loss=float("nan"))
+        bar.start()
+    try:
+        net.train()
+        while step < cfg.steps:
+            g = _step_generator(cfg.seed, step)
+            idx = torch.randint(0, len(data), (cfg.batch_size,), generator=g)
+            if on_batch is not None:
+                on_batch(data.images[idx.numpy()])
+            x0, y = x_all[idx], y_all[idx].clone()
+            y[torch.rand(cfg.batch_size, generator=g) < cfg.label_dropout] = 10
+            t, noise = draw_noise(x0, schedule, g)
+            for group in opt.param_groups:
+                group["lr"] = _lr(cfg, step)
+            loss = eps_loss(net, x0, t, noise, schedule, y=y)
+            if not torch.isfinite(loss):
+                raise TrainingError(f"loss is {loss.item()} at step {step}; stopped. The last good checkpoint "
+                                    f"(step {last_save}) is kept in {ckpt}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+            opt.step()
+            d = min(cfg.ema_decay, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for pe, p in zip(ema.parameters(), net.parameters()):
+                    pe.lerp_(p, 1 - d)
+            step += 1
+            losses.append(round(loss.item(), 5))
+            if bar is not None:
+                bar.update(task, completed=step, loss=float(np.mean(losses[-50:])))
+            elapsed = time.perf_counter() - t_start
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                wall_now = wall + elapsed
+                save_checkpoint(ckpt, net, ema, opt, {**header(), "wall_seconds": round(wall_now, 2)})
+                last_save = step
+                if max_minutes is not None and elapsed > 60 * max_minutes and step < cfg.steps:
+                    break
+    finally:
+        if bar is not None:
+            bar.stop()
+    wall += time.perf_counter() - t_start
+    record = {
+        "command": command or " ".join(sys.argv),
+        "commit": git_commit(),
+        "config": cfg.to_dict(),
+        "steps_done": step,
+        "finished": step >= cfg.steps,
+        "wall_seconds": round(wall, 1),
+        "final_loss": float(np.mean(losses[-100:])) if losses else None,
+        "machine": machine_info(),
+        "data": {"source": data.id, "n": len(data), "content_hash": data.content_hash,
+                 "sample_hashes": sorted(data.sample_hashes)},
+    }
+    if record["finished"]:
+        Backbone(ema.eval(), schedule, codec).save_pretrained(out, record=record)
+    return record
