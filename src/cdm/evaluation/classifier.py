@@ -283,7 +283,7 @@ def _progress(enabled: bool):
                     TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled, transient=False)
 
 
-def train_classifier(images: Any, labels: Any, *, config: ClassifierConfig | None = None, steps: int = 1500,
+def train_classifier(images: Any, labels: Any, *, config: ClassifierConfig | None = None, steps: int = 800,
                      batch_size: int = 64, lr: float = 2e-3, weight_decay: float = 0.05, warmup_steps: int = 50,
                      label_smoothing: float = 0.05, seed: int = 0, augment: bool = True, progress: bool = True
                      ) -> tuple[DigitClassifier, dict[str, Any]]:

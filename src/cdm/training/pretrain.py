@@ -133,7 +133,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, *, max_minutes: float | None 
     codec = PixelCodec(data_size=28, model_size=cfg.img_size)
     schedule = NoiseSchedule(cfg.schedule)
     x_all = codec.encode(data.images)
-    y_all = torch.as_tensor(data.labels, dtype=torch.long)
+    y_all = torch.tensor(data.labels, dtype=torch.long)
 
     torch.manual_seed(cfg.seed)
     net = UViT(cfg.model_config())
