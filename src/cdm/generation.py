@@ -69,6 +69,12 @@ def sample_backbone(backbone: Backbone, per_class: int = 10, classes: list[int] 
     c = backbone.config
     if classes is None:
         classes = [k for k in range(c.num_classes) if k != c.null_class]
+    bad = [k for k in classes if not 0 <= k < c.num_classes or k == c.null_class]
+    if bad:
+        raise ValueError(f"classes {bad} are not classes of this backbone (0..{c.num_classes - 1}, null class "
+                         f"{c.null_class} excluded)")
+    if per_class < 1:
+        raise ValueError(f"per_class must be >= 1, got {per_class}")
     labels = np.repeat(np.asarray(classes, dtype=np.int64), per_class)
     return generate(backbone.eps, schedule=backbone.schedule, codec=backbone.codec, labels=labels,
                     null_class=c.null_class, in_chans=c.in_chans, **kwargs)
