@@ -111,6 +111,7 @@ def test_state_dict_matches_reference_names_and_shapes(config, tmp_path):
     torch.manual_seed(1)
     ckpt = {k: torch.randn(s) * 0.05 for k, s in reference_keys(config).items()}
     from safetensors.torch import save_file
+
     from cdm.io import load_state_dict
 
     save_file(ckpt, str(tmp_path / "uvit.safetensors"))

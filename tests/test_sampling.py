@@ -5,7 +5,13 @@ import math
 import pytest
 import torch
 
-from cdm.sampling import SCHEDULES, SOLVERS, NoiseSchedule, classifier_free_guidance, sample
+from cdm.sampling import (
+    SCHEDULES,
+    SOLVERS,
+    NoiseSchedule,
+    classifier_free_guidance,
+    sample,
+)
 
 
 def gaussian_eps(mu: torch.Tensor, s: float, schedule: NoiseSchedule):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["CdmError", "DataError", "WeightsError", "TrainingError"]
+__all__ = ["CdmError", "DataError", "TrainingError", "WeightsError"]
 
 
 class CdmError(Exception):

@@ -12,7 +12,7 @@ import torch
 from .backbone import Backbone, PixelCodec
 from .sampling import Denoiser, NoiseSchedule, classifier_free_guidance, sample
 
-__all__ = ["generate", "sample_backbone", "MAX_SAMPLES"]
+__all__ = ["MAX_SAMPLES", "generate", "sample_backbone"]
 
 MAX_SAMPLES = 100_000  # one call; larger requests are refused rather than exhausting memory
 

@@ -16,12 +16,20 @@ from pathlib import Path
 import torch
 
 from ..errors import WeightsError
-from ..io import CONFIG_NAME, WEIGHTS_NAME, atomic_write_json, load_state_dict, read_json, save_state_dict, state_dict_sha256
+from ..io import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    atomic_write_json,
+    load_state_dict,
+    read_json,
+    save_state_dict,
+    state_dict_sha256,
+)
 from ..sampling import NoiseSchedule, classifier_free_guidance
 from .pixels import PixelCodec
 from .uvit import UViT, UViTConfig
 
-__all__ = ["Backbone", "load_uvit_state", "DEFAULT_BACKBONE"]
+__all__ = ["DEFAULT_BACKBONE", "Backbone", "load_uvit_state"]
 
 KIND = "cdm-backbone"
 DEFAULT_BACKBONE = Path(__file__).resolve().parents[3] / "weights" / "backbone"
@@ -67,7 +75,7 @@ class Backbone:
         """sha256 of the weights: compartments record it and are refused on any other backbone."""
         return state_dict_sha256(self.net.state_dict())
 
-    def freeze(self) -> "Backbone":
+    def freeze(self) -> Backbone:
         self.net.eval().requires_grad_(False)
         return self
 
@@ -92,7 +100,7 @@ class Backbone:
             atomic_write_json(path / "training.json", record)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path = DEFAULT_BACKBONE) -> "Backbone":
+    def from_pretrained(cls, path: str | Path = DEFAULT_BACKBONE) -> Backbone:
         path = Path(path)
         if path.is_file():
             load_state_dict(path)  # refuses pickles and non-safetensors files with a clear message

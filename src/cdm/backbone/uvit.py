@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["UViT", "UViTConfig", "timestep_embedding", "patchify", "unpatchify"]
+__all__ = ["UViT", "UViTConfig", "patchify", "timestep_embedding", "unpatchify"]
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ class UViTConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "UViTConfig":
+    def from_dict(cls, d: dict) -> UViTConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

@@ -6,7 +6,6 @@ import json
 import shlex
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -46,11 +45,12 @@ def pretrain(
     lr_schedule: str = typer.Option("cosine", help="constant | cosine"),
     glyphs: int = typer.Option(0, help="Synthetic digit glyphs added to the 1,000 public MNIST digits."),
     seed: int = typer.Option(0),
-    max_minutes: Optional[float] = typer.Option(None, help="Stop after a checkpoint once this long (resume later)."),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
+    max_minutes: float | None = typer.Option(None, help="Stop after a checkpoint once this long (resume later)."),
+    threads: int | None = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
 ) -> None:
     """Pretrain the class-conditional U-ViT backbone on PUBLIC data only (resumable, deterministic)."""
-    from ..training import PretrainConfig, pretrain as run
+    from ..training import PretrainConfig
+    from ..training import pretrain as run
 
     _threads(threads)
     cfg = PretrainConfig(steps=steps, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, glyphs=glyphs, seed=seed)
@@ -89,13 +89,13 @@ def sample(
     out: Path = typer.Option(Path("out/samples"), help="Directory for samples.npz and samples.png."),
     backbone: Path = typer.Option(DEFAULT_BACKBONE, help="Backbone directory (config.json + model.safetensors)."),
     per_class: int = typer.Option(10, help="Images per class."),
-    classes: Optional[str] = typer.Option(None, help="Comma-separated class labels (default: all)."),
+    classes: str | None = typer.Option(None, help="Comma-separated class labels (default: all)."),
     solver: str = typer.Option("ddim", help="ddim | dpmpp2m"),
     steps: int = typer.Option(50, help="Denoiser evaluations per image."),
     guidance: float = typer.Option(2.0, help="Classifier-free guidance scale (1 = none)."),
     seed: int = typer.Option(0),
     bf16: bool = typer.Option(False, help="bfloat16 autocast for the denoiser."),
-    threads: Optional[int] = typer.Option(None),
+    threads: int | None = typer.Option(None),
 ) -> None:
     """Draw class-conditional images from the backbone: a PNG grid and an .npz (images uint8 N x 28 x 28, labels)."""
     from ..backbone import Backbone
@@ -115,7 +115,7 @@ def train_classifier_cmd(
     out: Path = typer.Option(DEFAULT_CLASSIFIER, help="Directory for the classifier bundle."),
     steps: int = typer.Option(800),
     seed: int = typer.Option(0),
-    threads: Optional[int] = typer.Option(None),
+    threads: int | None = typer.Option(None),
 ) -> None:
     """Train the digit classifier (FID features and judge) on the PUBLIC MNIST slice; report held-out accuracy."""
     from ..data import public_protected
@@ -142,7 +142,7 @@ def _score(images, labels, classifier: Path, reference: str) -> dict:
 
     model = DigitClassifier.from_pretrained(classifier)
     ref = load_source(reference)
-    result = {"n": int(len(images)), "reference": ref.id, "fid": round(fid(model, images, ref.images), 3)}
+    result = {"n": len(images), "reference": ref.id, "fid": round(fid(model, images, ref.images), 3)}
     if labels is not None:
         j = judge(model, images, labels)
         real = judge(model, ref.images, ref.labels) if ref.labels is not None else None

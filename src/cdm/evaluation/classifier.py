@@ -16,9 +16,10 @@ import contextlib
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +27,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DataError, TrainingError, WeightsError
-from ..io import CONFIG_NAME, WEIGHTS_NAME, atomic_write_json, load_state_dict, read_json, save_state_dict
+from ..io import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    atomic_write_json,
+    load_state_dict,
+    read_json,
+    save_state_dict,
+)
 
 __all__ = [
     "CLASSIFIER_KIND",
@@ -124,7 +132,7 @@ class ClassifierConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ClassifierConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ClassifierConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known - {"kind"})
         if unknown:
@@ -181,7 +189,7 @@ class DigitClassifier(nn.Module):
         return directory
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> "DigitClassifier":
+    def from_pretrained(cls, directory: str | os.PathLike) -> DigitClassifier:
         """Load a directory written by :meth:`save_pretrained`; the result is in eval mode.
 
         A missing or foreign config, a pickle, or weights that do not match the config raise :class:`WeightsError`.
@@ -277,7 +285,14 @@ def _augment(x: torch.Tensor, gen: torch.Generator, *, max_rotate_deg: float = 1
 
 
 def _progress(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(TextColumn("[bold]classifier"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                     TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled, transient=False)

@@ -67,7 +67,7 @@ def judge(model: DigitClassifier, images: Any, requested_labels: Any, batch_size
         raise DataError(f"requested_labels: expected {images.shape[0]} integers, got shape {labels.shape} "
                         f"dtype {labels.dtype}")
     pred, prob, _ = classify(model, images, batch_size=batch_size)
-    return {"accuracy": float((pred == labels).mean()), "mean_max_prob": float(prob.mean()), "n": int(len(labels))}
+    return {"accuracy": float((pred == labels).mean()), "mean_max_prob": float(prob.mean()), "n": len(labels)}
 
 
 class FeatureExtractor(nn.Module):
@@ -88,7 +88,7 @@ class FeatureExtractor(nn.Module):
         self.num_features = int(model.feature_dim)
         self.train(False)
 
-    def train(self, mode: bool = True) -> "FeatureExtractor":
+    def train(self, mode: bool = True) -> FeatureExtractor:
         return super().train(False)
 
     @torch.no_grad()

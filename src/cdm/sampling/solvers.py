@@ -12,13 +12,14 @@ pure noise) and clip the predicted x_0 to [-1, 1] with epsilon recomputed from t
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
 from .schedule import NoiseSchedule
 
-__all__ = ["Denoiser", "SOLVERS", "sample", "classifier_free_guidance"]
+__all__ = ["SOLVERS", "Denoiser", "classifier_free_guidance", "sample"]
 
 
 class Denoiser(Protocol):

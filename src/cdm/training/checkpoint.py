@@ -12,13 +12,14 @@ from torch import nn
 from ..errors import WeightsError
 from ..io import load_state_dict, save_state_dict
 
-__all__ = ["save_checkpoint", "load_checkpoint"]
+__all__ = ["load_checkpoint", "save_checkpoint"]
 
 
-def save_checkpoint(path: Path, net: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer, header: dict) -> None:
+def save_checkpoint(path: Path, net: nn.Module, ema: nn.Module | None, opt: torch.optim.Optimizer, header: dict) -> None:
     names = {id(p): n for n, p in net.named_parameters()}
     tensors = {f"net.{k}": v for k, v in net.state_dict().items()}
-    tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+    if ema is not None:
+        tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
     for group in opt.param_groups:
         for p in group["params"]:
             for k, v in opt.state.get(p, {}).items():
@@ -26,7 +27,7 @@ def save_checkpoint(path: Path, net: nn.Module, ema: nn.Module, opt: torch.optim
     save_state_dict(path, tensors, metadata={"header": json.dumps(header, sort_keys=True)})
 
 
-def load_checkpoint(path: Path, net: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer) -> dict:
+def load_checkpoint(path: Path, net: nn.Module, ema: nn.Module | None, opt: torch.optim.Optimizer) -> dict:
     from safetensors import safe_open
 
     tensors = load_state_dict(path)
@@ -34,13 +35,16 @@ def load_checkpoint(path: Path, net: nn.Module, ema: nn.Module, opt: torch.optim
         header = json.loads((f.metadata() or {}).get("header", "{}"))
     try:
         net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")}, strict=True)
-        ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}, strict=True)
+        if ema is not None:
+            ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}, strict=True)
     except RuntimeError as e:
         raise WeightsError(f"{path}: checkpoint does not fit the configured model ({str(e).splitlines()[0]})") from None
     params = dict(net.named_parameters())
     for key, v in tensors.items():
         if key.startswith("opt."):
             _, field, name = key.split(".", 2)
+            if name not in params:
+                raise WeightsError(f"{path}: optimizer state for unknown parameter {name!r}")
             p = params[name]
             opt.state[p][field] = v.reshape(()) if field == "step" else v
     return header

@@ -13,16 +13,14 @@ same thread count).
 from __future__ import annotations
 
 import copy
-import hashlib
-import math
 import os
 import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -34,9 +32,10 @@ from ..data.source import Source
 from ..errors import TrainingError
 from ..sampling import NoiseSchedule
 from .checkpoint import load_checkpoint, save_checkpoint
+from .common import lr_at, progress_bar, step_generator
 from .loss import draw_noise, eps_loss
 
-__all__ = ["PretrainConfig", "pretrain", "public_training_set", "machine_info", "git_commit"]
+__all__ = ["PretrainConfig", "git_commit", "machine_info", "pretrain", "public_training_set"]
 
 
 @dataclass(frozen=True)
@@ -71,7 +70,7 @@ class PretrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PretrainConfig":
+    def from_dict(cls, d: dict) -> PretrainConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -103,20 +102,6 @@ def machine_info() -> dict:
             "torch": torch.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
-def _lr(cfg: PretrainConfig, step: int) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    if cfg.lr_schedule == "cosine":
-        frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-    return cfg.lr
-
-
-def _step_generator(seed: int, step: int) -> torch.Generator:
-    digest = hashlib.sha256(f"cdm-pretrain/{seed}/{step}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
-
-
 def pretrain(cfg: PretrainConfig, out: str | Path, *, max_minutes: float | None = None, progress: bool = True,
              command: str | None = None, on_batch: Callable[[np.ndarray], None] | None = None) -> dict:
     """Train (or resume) a backbone in ``out``; when ``cfg.steps`` are done, write the shipped bundle there.
@@ -124,8 +109,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, *, max_minutes: float | None 
     ``out/checkpoint.safetensors`` holds the resumable state; ``max_minutes`` stops early after a checkpoint
     (train in chunks). Returns the training record (``finished`` says whether all steps are done).
     """
-    if cfg.lr_schedule not in ("constant", "cosine"):
-        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {cfg.lr_schedule!r}")
+    lr_at(0, lr=cfg.lr, warmup=cfg.warmup, steps=cfg.steps, schedule=cfg.lr_schedule)  # validates the schedule
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.use_deterministic_algorithms(True)
@@ -157,18 +141,10 @@ def pretrain(cfg: PretrainConfig, out: str | Path, *, max_minutes: float | None 
 
     t_start = time.perf_counter()
     last_save = step
-    bar = None
-    if progress:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-        bar = Progress(TextColumn("pretrain"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                       TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn())
-        task = bar.add_task("pretrain", total=cfg.steps, completed=step, loss=float("nan"))
-        bar.start()
-    try:
-        net.train()
+    net.train()
+    with progress_bar("pretrain", cfg.steps, step, progress) as show:
         while step < cfg.steps:
-            g = _step_generator(cfg.seed, step)
+            g = step_generator("cdm-pretrain", cfg.seed, step)
             idx = torch.randint(0, len(data), (cfg.batch_size,), generator=g)
             if on_batch is not None:
                 on_batch(data.images[idx.numpy()])
@@ -176,7 +152,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, *, max_minutes: float | None 
             y[torch.rand(cfg.batch_size, generator=g) < cfg.label_dropout] = 10
             t, noise = draw_noise(x0, schedule, g)
             for group in opt.param_groups:
-                group["lr"] = _lr(cfg, step)
+                group["lr"] = lr_at(step, lr=cfg.lr, warmup=cfg.warmup, steps=cfg.steps, schedule=cfg.lr_schedule)
             loss = eps_loss(net, x0, t, noise, schedule, y=y)
             if not torch.isfinite(loss):
                 raise TrainingError(f"loss is {loss.item()} at step {step}; stopped. The last good checkpoint "
@@ -191,18 +167,13 @@ def pretrain(cfg: PretrainConfig, out: str | Path, *, max_minutes: float | None 
                     pe.lerp_(p, 1 - d)
             step += 1
             losses.append(round(loss.item(), 5))
-            if bar is not None:
-                bar.update(task, completed=step, loss=float(np.mean(losses[-50:])))
+            show(step, float(np.mean(losses[-50:])))
             elapsed = time.perf_counter() - t_start
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                wall_now = wall + elapsed
-                save_checkpoint(ckpt, net, ema, opt, {**header(), "wall_seconds": round(wall_now, 2)})
+                save_checkpoint(ckpt, net, ema, opt, {**header(), "wall_seconds": round(wall + elapsed, 2)})
                 last_save = step
                 if max_minutes is not None and elapsed > 60 * max_minutes and step < cfg.steps:
                     break
-    finally:
-        if bar is not None:
-            bar.stop()
     wall += time.perf_counter() - t_start
     record = {
         "command": command or " ".join(sys.argv),

@@ -1,0 +1,147 @@
+"""A compartment: deep prompts for the frozen backbone, trained on one data source and nothing else.
+
+Everything the system learns from a source lives in its compartment's prompt table; the backbone never
+changes. Forgetting the source means deleting the compartment.
+
+Layout of the table (a :class:`PromptTable`, rows of ``n_blocks * P * D`` numbers):
+
+- class-conditional (``conditional=True``): one prompt set per class, plus a last row for the source's
+  *unconditional* prompts (trained on a ``label_dropout`` share of the batches). The unconditional row is what
+  classifier-free guidance and unconditional composition use.
+- unconditional: a single row.
+
+The backbone itself is always called with its null class: the class information, like everything else about
+the source, comes from the prompts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch import nn
+
+from ..backbone import Backbone
+from ..errors import WeightsError
+
+__all__ = ["Compartment", "CompartmentConfig", "PromptTable"]
+
+
+@dataclass(frozen=True)
+class CompartmentConfig:
+    n_prompts: int = 8  # P: prompt tokens prepended at every block
+    conditional: bool = True  # one prompt set per class (+ unconditional row); False: one set for the source
+    steps: int = 2000  # optimiser steps
+    batch_size: int = 64
+    lr: float = 0.1  # Adam; prompts want a large step (measured: 0.1 beats 1e-2 here)
+    lr_schedule: str = "cosine"  # "constant" or "cosine" (to 10% of lr) after warm-up
+    warmup: int = 50  # linear warm-up steps
+    label_dropout: float = 0.1  # share of samples trained on the unconditional row (conditional only)
+    init_std: float = 0.02  # prompt initialisation (normal)
+    grad_clip: float = 1.0  # max grad norm of the prompt table
+    seed: int = 0
+    checkpoint_every: int = 250  # steps between resumable checkpoints
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.n_prompts < 1:
+            problems.append(f"n_prompts must be >= 1 (got {self.n_prompts})")
+        if self.steps < 1 or self.batch_size < 1:
+            problems.append(f"steps and batch_size must be >= 1 (got {self.steps}, {self.batch_size})")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            problems.append(f"lr must be a positive number (got {self.lr})")
+        if not 0 <= self.label_dropout < 1:
+            problems.append(f"label_dropout must be in [0, 1) (got {self.label_dropout})")
+        if self.lr_schedule not in ("constant", "cosine"):
+            problems.append(f"lr_schedule must be 'constant' or 'cosine' (got {self.lr_schedule!r})")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CompartmentConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown compartment config fields: {', '.join(unknown)}")
+        return cls(**d)
+
+
+class PromptTable(nn.Module):
+    """Prompt sets looked up by index. An ``nn.Embedding`` holds them so that per-sample gradients (Opacus)
+    work: the module's forward takes the batch (the row index of each sample)."""
+
+    def __init__(self, n_sets: int, n_blocks: int, n_prompts: int, dim: int):
+        super().__init__()
+        self.shape = (n_blocks, n_prompts, dim)
+        self.table = nn.Embedding(n_sets, n_blocks * n_prompts * dim)
+
+    def forward(self, index: torch.Tensor) -> torch.Tensor:
+        return self.table(index).view(index.shape[0], *self.shape)
+
+
+class Compartment(nn.Module):
+    """Prompts for one source. ``eps(backbone, x, t, y=None)`` is its denoiser; ``y=None`` (or the null class)
+    selects the unconditional prompts."""
+
+    def __init__(self, config: CompartmentConfig, *, n_blocks: int, dim: int, num_classes: int, null_class: int | None):
+        super().__init__()
+        if config.conditional and null_class is None:
+            raise ValueError("a class-conditional compartment needs a backbone with a null class")
+        self.config = config
+        self.num_classes = num_classes  # real classes (labels 0..num_classes-1)
+        self.null_class = null_class
+        n_sets = num_classes + 1 if config.conditional else 1
+        self.prompts = PromptTable(n_sets, n_blocks, config.n_prompts, dim)
+
+    @classmethod
+    def for_backbone(cls, backbone: Backbone, config: CompartmentConfig) -> Compartment:
+        c = backbone.config
+        n_real = c.num_classes - (1 if c.null_class is not None else 0) if c.num_classes > 0 else 0
+        return cls(config, n_blocks=c.n_blocks, dim=c.embed_dim, num_classes=n_real, null_class=c.null_class)
+
+    def init_prompts(self, generator: torch.Generator) -> None:
+        with torch.no_grad():
+            w = self.prompts.table.weight
+            w.copy_(torch.randn(w.shape, generator=generator) * self.config.init_std)
+
+    def row(self, y: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """Prompt-table row of each sample: its class, or the unconditional row for None / the null class."""
+        if not self.config.conditional:
+            return torch.zeros(batch, dtype=torch.long)
+        uncond = self.num_classes
+        if y is None:
+            return torch.full((batch,), uncond, dtype=torch.long)
+        y = y.expand(batch) if y.ndim == 0 else y
+        return torch.where(y == self.null_class, torch.full_like(y, uncond), y).long()
+
+    def eps(self, backbone: Backbone, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        prompts = self.prompts(self.row(y, x.shape[0]).to(x.device))
+        null = None if backbone.config.null_class is None else torch.full((x.shape[0],), backbone.config.null_class,
+                                                                          dtype=torch.long, device=x.device)
+        return backbone.net(x, t, y=null, prompts=prompts)
+
+    def denoiser(self, backbone: Backbone):
+        """A plain denoiser callable ``eps(x, t, y=None)`` for the solvers."""
+
+        def eps(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+            return self.eps(backbone, x, t, y)
+
+        return eps
+
+    # -- tensors on disk (the store adds manifests and hashes) ----------------------------------------
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"prompts": self.prompts.table.weight.detach().clone()}
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor], origin: str = "compartment") -> None:
+        if set(tensors) != {"prompts"}:
+            raise WeightsError(f"{origin}: expected exactly one tensor 'prompts', got {sorted(tensors)}")
+        w = self.prompts.table.weight
+        if tuple(tensors["prompts"].shape) != tuple(w.shape):
+            raise WeightsError(f"{origin}: prompts have shape {tuple(tensors['prompts'].shape)}, this backbone and "
+                               f"config need {tuple(w.shape)}")
+        with torch.no_grad():
+            w.copy_(tensors["prompts"])

@@ -1,0 +1,153 @@
+"""Training one compartment on one source (``cdm train``): the backbone's epsilon loss, prompts only.
+
+Deterministic given (source content, config, seed): the source is first put in canonical order (by sample
+hash, then label), so the result depends on *which* samples are in it, not on their order; every step draws
+its batch, timesteps, noise and label dropout from a generator seeded by ``(seed, step)``. Hence retraining a
+compartment on a source minus some samples is bit-identical to training on that reduced source directly
+(exact forgetting), and a resumed run equals an uninterrupted one (same machine, same thread count).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..backbone import Backbone
+from ..compartments import Compartment, CompartmentConfig
+from ..data import Source
+from ..errors import DataError, TrainingError
+from .checkpoint import load_checkpoint, save_checkpoint
+from .common import lr_at, progress_bar, step_generator
+from .loss import draw_noise, eps_loss
+from .pretrain import git_commit, machine_info
+
+__all__ = ["canonical_order", "concat_sources", "train_compartment", "check_source_fits"]
+
+_TAG = "cdm-compartment"
+
+
+def canonical_order(source: Source) -> Source:
+    """The source with its samples sorted by (sample hash, label): training sees content, not order."""
+    labels = source.labels if source.labels is not None else np.zeros(len(source), dtype=np.int64)
+    order = sorted(range(len(source)), key=lambda i: (source.sample_hashes[i], int(labels[i])))
+    return source.subset(np.asarray(order, dtype=np.int64), id=source.id)
+
+
+def concat_sources(sources: list[Source], id: str) -> Source:
+    """The union of several sources (the paragon's data)."""
+    if not sources:
+        raise DataError("no sources to concatenate")
+    classes = sources[0].classes
+    if any(s.classes != classes or s.labelled != sources[0].labelled for s in sources):
+        raise DataError("sources to concatenate must share their class names and all be labelled or not")
+    labels = np.concatenate([s.labels for s in sources]) if sources[0].labelled else None
+    return Source(id=id, images=np.concatenate([s.images for s in sources]), labels=labels, classes=classes)
+
+
+def check_source_fits(source: Source, compartment: Compartment) -> None:
+    if len(source) == 0:
+        raise DataError(f"{source.id}: the source is empty")
+    if compartment.config.conditional:
+        if source.labels is None:
+            raise DataError(f"{source.id}: a class-conditional compartment needs labels (or use --unconditional)")
+        if int(source.labels.max()) >= compartment.num_classes:
+            raise DataError(f"{source.id}: label {int(source.labels.max())} but the backbone has "
+                            f"{compartment.num_classes} classes")
+
+
+def train_compartment(
+    backbone: Backbone,
+    source: Source,
+    cfg: CompartmentConfig,
+    *,
+    work_dir: str | Path | None = None,
+    max_minutes: float | None = None,
+    progress: bool = True,
+    on_batch: Callable[[np.ndarray], None] | None = None,
+) -> tuple[Compartment | None, dict]:
+    """Train a compartment; returns ``(compartment, record)``, or ``(None, record)`` if ``max_minutes`` paused it.
+
+    ``work_dir`` (optional) holds the resumable checkpoint; a finished run leaves it for the caller to clear.
+    The backbone is frozen and never written.
+    """
+    lr_at(0, lr=cfg.lr, warmup=cfg.warmup, steps=cfg.steps, schedule=cfg.lr_schedule)  # validates the schedule
+    backbone.freeze()
+    comp = Compartment.for_backbone(backbone, cfg)
+    check_source_fits(source, comp)
+    data = canonical_order(source)
+    x_all = backbone.codec.encode(data.images)
+    y_all = torch.tensor(data.labels if data.labels is not None else np.zeros(len(data)), dtype=torch.long)
+    uncond = comp.num_classes
+    torch.use_deterministic_algorithms(True)
+    comp.init_prompts(step_generator(_TAG + "/init", cfg.seed, 0))
+    opt = torch.optim.Adam(comp.parameters(), lr=cfg.lr)
+    step, wall, losses = 0, 0.0, []
+    ckpt = Path(work_dir) / "checkpoint.safetensors" if work_dir is not None else None
+    if ckpt is not None and ckpt.exists():
+        header = load_checkpoint(ckpt, comp, None, opt)
+        if header.get("config") != cfg.to_dict() or header.get("content_hash") != source.content_hash \
+                or header.get("backbone_hash") != backbone.hash:
+            raise TrainingError(f"{ckpt}: belongs to another source, config or backbone; clear it to start over")
+        step, wall, losses = header["step"], header["wall_seconds"], header["recent_losses"]
+
+    def header(wall_now: float) -> dict:
+        return {"config": cfg.to_dict(), "content_hash": source.content_hash, "backbone_hash": backbone.hash,
+                "step": step, "wall_seconds": round(wall_now, 2), "recent_losses": losses[-100:]}
+
+    t_start = time.perf_counter()
+    last_save = step
+    comp.train()
+    with progress_bar(f"compartment {source.id}", cfg.steps, step, progress) as show:
+        while step < cfg.steps:
+            g = step_generator(_TAG, cfg.seed, step)
+            idx = torch.randint(0, len(data), (cfg.batch_size,), generator=g)
+            if on_batch is not None:
+                on_batch(data.images[idx.numpy()])
+            x0, rows = x_all[idx], y_all[idx].clone()
+            if cfg.conditional:
+                rows[torch.rand(cfg.batch_size, generator=g) < cfg.label_dropout] = uncond
+            else:
+                rows.zero_()
+            t, noise = draw_noise(x0, backbone.schedule, g)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, lr=cfg.lr, warmup=cfg.warmup, steps=cfg.steps, schedule=cfg.lr_schedule)
+            y_in = rows if cfg.conditional else None
+            loss = eps_loss(comp.denoiser(backbone), x0, t, noise, backbone.schedule, y=y_in)
+            if not torch.isfinite(loss):
+                raise TrainingError(f"loss is {loss.item()} at step {step} of compartment {source.id!r}; stopped"
+                                    + (f" (last good checkpoint: step {last_save})" if ckpt else ""))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(comp.parameters(), cfg.grad_clip)
+            opt.step()
+            step += 1
+            losses.append(round(loss.item(), 5))
+            show(step, float(np.mean(losses[-50:])))
+            elapsed = time.perf_counter() - t_start
+            if ckpt is not None and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
+                ckpt.parent.mkdir(parents=True, exist_ok=True)
+                save_checkpoint(ckpt, comp, None, opt, header(wall + elapsed))
+                last_save = step
+                if max_minutes is not None and elapsed > 60 * max_minutes and step < cfg.steps:
+                    break
+    wall += time.perf_counter() - t_start
+    comp.eval()
+    record = {
+        "source": {"id": source.id, "content_hash": source.content_hash, "n": len(source),
+                   "sample_hashes": sorted(source.sample_hashes)},
+        "backbone_hash": backbone.hash,
+        "config": cfg.to_dict(),
+        "seed": cfg.seed,
+        "steps_done": step,
+        "finished": step >= cfg.steps,
+        "wall_seconds": round(wall, 2),
+        "final_loss": float(np.mean(losses[-100:])) if losses else None,
+        "commit": git_commit(),
+        "machine": machine_info(),
+        "dp": None,
+    }
+    return (comp if record["finished"] else None), record
