@@ -294,8 +294,9 @@ def _progress(enabled: bool):
         TimeRemainingColumn,
     )
 
-    return Progress(TextColumn("[bold]classifier"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                    TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled, transient=False)
+    columns = (TextColumn("[bold]classifier"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    return Progress(*columns, disable=not enabled, transient=False)
 
 
 def train_classifier(images: Any, labels: Any, *, config: ClassifierConfig | None = None, steps: int = 800,

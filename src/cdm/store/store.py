@@ -58,10 +58,12 @@ import re
 import secrets
 import shutil
 import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 
@@ -130,7 +132,7 @@ CREATE TABLE audit (
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 def _default_actor() -> str:
@@ -282,12 +284,12 @@ class Store:
     # ------------------------------------------------------------------------------------------- lifecycle
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> "Store":
+    def open(cls, path: str | os.PathLike) -> Store:
         """Open an existing store and bring it back to a consistent state (:meth:`recover`)."""
         return cls(path)
 
     @classmethod
-    def create(cls, path: str | os.PathLike) -> "Store":
+    def create(cls, path: str | os.PathLike) -> Store:
         """Create a store in a new or empty directory (an existing store is simply opened)."""
         path = Path(path)
         if (path / REGISTRY_NAME).exists():
@@ -329,7 +331,7 @@ class Store:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    def __enter__(self) -> "Store":
+    def __enter__(self) -> Store:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -348,7 +350,8 @@ class Store:
 
     @contextmanager
     def _locked(self, exclusive: bool) -> Iterator[None]:
-        self._db  # raises when closed
+        if self._conn is None:
+            raise StoreError(f"store {self.path} is closed")
         if self._lock_depth:
             if exclusive and not self._lock_exclusive:
                 raise RuntimeError("internal error: cannot upgrade a shared store lock")
@@ -382,13 +385,24 @@ class Store:
     def _audit(self, db: sqlite3.Connection, actor: str, action: str, target: str | None, details: dict,
                before: str | None = None, after: str | None = None) -> int:
         cur = db.execute("INSERT INTO audit (ts, actor, action, target, details, before_hash, after_hash) "
-                         "VALUES (?, ?, ?, ?, ?, ?, ?)", (_now(), actor, action, target, _dumps(details), before, after))
+                         "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                         (_now(), actor, action, target, _dumps(details), before, after))
         return int(cur.lastrowid)
 
     def _vacuum(self) -> None:
         """Rebuild the registry file (no free page keeps deleted bytes) and empty the WAL."""
         self._db.execute("VACUUM")
-        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self._checkpoint()
+
+    def _checkpoint(self) -> bool:
+        """Copy the WAL into the database and truncate it to zero bytes; False if a reader kept it busy (another
+        process in a read transaction), in which case the next open finishes it."""
+        for _ in range(20):
+            busy = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            if not busy:
+                return True
+            time.sleep(0.05)
+        return False
 
     def _source_ids(self) -> list[str]:
         return [r[0] for r in self._db.execute("SELECT id FROM sources ORDER BY id")]
@@ -566,9 +580,9 @@ class Store:
                 with self._tx() as db:
                     db.execute("INSERT INTO compartments (cid, kind, sources, backbone_hash, weights_sha256, "
                                "manifest_sha256, created_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(cid) DO UPDATE "
-                               "SET kind=excluded.kind, sources=excluded.sources, backbone_hash=excluded.backbone_hash, "
-                               "weights_sha256=excluded.weights_sha256, manifest_sha256=excluded.manifest_sha256, "
-                               "created_at=excluded.created_at",
+                               "SET kind=excluded.kind, sources=excluded.sources, "
+                               "backbone_hash=excluded.backbone_hash, weights_sha256=excluded.weights_sha256, "
+                               "manifest_sha256=excluded.manifest_sha256, created_at=excluded.created_at",
                                (cid, kind, _dumps(sources), backbone_hash, weights_sha, manifest_sha, created_at))
                     self._audit(db, actor, "put", cid,
                                 {"kind": kind, "sources": sources, "backbone_hash": backbone_hash,
@@ -622,8 +636,7 @@ class Store:
             if actual != row["weights_sha256"]:
                 raise WeightsError(f"compartment '{cid}': {weights_path} does not match its registry hash")
             if manifest.get("backbone_hash") != backbone_hash:
-                raise WeightsError(f"compartment '{cid}': manifest backbone {_short(str(manifest.get('backbone_hash')))}"
-                                   f" differs from its registry row")
+                raise WeightsError(f"compartment '{cid}': its manifest names another backbone than its registry row")
         return tensors, manifest
 
     def compartments(self, kind: str | None = None) -> list[dict]:
@@ -872,7 +885,7 @@ class Store:
                         done.append(f"deleted work/{entry.name}: it trains on a source that is not registered")
             if bad or self._db.execute("PRAGMA freelist_count").fetchone()[0] > 0:
                 self._db.execute("VACUUM")
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._checkpoint()
         return done
 
 
