@@ -211,6 +211,160 @@ Wall time {scores['seconds']} s. Compartments, composition and forgetting come n
     console.print(f"report -> {out / 'report.md'}")
 
 
+def _open_store(path: Path, create: bool = False):
+    from ..store import Store
+
+    return Store.create(path) if create else Store.open(path)
+
+
+def _compartment_config(steps: int, prompts: int, unconditional: bool, seed: int, batch_size: int, lr: float):
+    from ..compartments import CompartmentConfig
+
+    return CompartmentConfig(steps=steps, n_prompts=prompts, conditional=not unconditional, seed=seed,
+                             batch_size=batch_size, lr=lr)
+
+
+@app.command()
+def add(
+    spec: str = typer.Argument(..., help="Source: mnist/protected/strat8-0, a folder, an .npz ... (see cdm.data)."),
+    store: Path = typer.Option(..., help="Compartment store directory (created if missing)."),
+    name: str = typer.Option(..., help="Name of the source in the store (letters, digits, . _ -)."),
+    tags: str = typer.Option("", help="Comma-separated access tags."),
+    steps: int = typer.Option(2000, help="Optimiser steps."),
+    prompts: int = typer.Option(8, help="Prompt tokens per block (P)."),
+    unconditional: bool = typer.Option(False, help="One prompt set instead of one per class."),
+    batch_size: int = typer.Option(64),
+    lr: float = typer.Option(0.1),
+    seed: int = typer.Option(0),
+    backbone: Path = typer.Option(DEFAULT_BACKBONE),
+    max_minutes: float | None = typer.Option(None, help="Pause after a checkpoint; run again to resume."),
+    threads: int | None = typer.Option(None),
+) -> None:
+    """Add a data source: register it and train its compartment (no other compartment changes)."""
+    from ..backbone import Backbone
+    from ..data import load_source
+    from ..operations import add_source
+
+    _threads(threads)
+    cfg = _compartment_config(steps, prompts, unconditional, seed, batch_size, lr)
+    source = load_source(spec)
+    bb = Backbone.from_pretrained(backbone)
+    with _open_store(store, create=True) as st:
+        out = add_source(st, bb, source, name=name, cfg=cfg, tags=tuple(t for t in tags.split(",") if t),
+                         max_minutes=max_minutes)
+    rec = out["record"]
+    if not out["finished"]:
+        console.print(f"paused at step {rec['steps_done']}/{steps}; run the same command to resume")
+        return
+    console.print(f"compartment '{name}': {len(source)} samples, {rec['steps_done']} steps, "
+                  f"{rec['wall_seconds']:.1f} s, loss {rec['final_loss']:.4f}, weights {out['row']['weights_sha256'][:12]}")
+
+
+@app.command()
+def paragon(
+    store: Path = typer.Option(...),
+    sources: str | None = typer.Option(None, help="Comma-separated source names (default: all)."),
+    steps: int = typer.Option(2000),
+    prompts: int = typer.Option(8),
+    unconditional: bool = typer.Option(False),
+    batch_size: int = typer.Option(64),
+    lr: float = typer.Option(0.1),
+    seed: int = typer.Option(0),
+    backbone: Path = typer.Option(DEFAULT_BACKBONE),
+    threads: int | None = typer.Option(None),
+) -> None:
+    """Train the paragon: one compartment with the same prompt budget on the union of the sources."""
+    from ..backbone import Backbone
+    from ..operations import train_paragon
+
+    _threads(threads)
+    cfg = _compartment_config(steps, prompts, unconditional, seed, batch_size, lr)
+    bb = Backbone.from_pretrained(backbone)
+    with _open_store(store) as st:
+        out = train_paragon(st, bb, cfg=cfg, sources=sources.split(",") if sources else None)
+    rec = out["record"]
+    console.print(f"paragon on {rec['source']['n']} samples: {rec['steps_done']} steps, {rec['wall_seconds']:.1f} s")
+
+
+@app.command()
+def forget(
+    name: str = typer.Argument(..., help="Source name in the store."),
+    store: Path = typer.Option(...),
+    sample: list[str] | None = typer.Option(None, help="Sample id (content hash or >= 12-char prefix); repeat."),
+    reason: str = typer.Option("", help="Why (kept in the audit log)."),
+    backbone: Path = typer.Option(DEFAULT_BACKBONE),
+    threads: int | None = typer.Option(None),
+) -> None:
+    """Forget a source (delete everything derived from it) or, with --sample, samples of it (exact retrain)."""
+    from ..operations import forget_samples, forget_source
+
+    _threads(threads)
+    with _open_store(store) as st:
+        if sample:
+            from ..backbone import Backbone
+
+            out = forget_samples(st, Backbone.from_pretrained(backbone), name, list(sample), reason=reason)
+            console.print(f"forgot {out['n_removed']} sample(s) of '{name}': compartment retrained from scratch in "
+                          f"{out['seconds']:.1f} s ({out['before'][:12]} -> {out['after'][:12]})"
+                          + (f"; dropped joint compartments {out['dropped']} (retrain them)" if out["dropped"] else ""))
+        else:
+            out = forget_source(st, name, reason=reason)
+            console.print(f"forgot source '{name}' in {out['seconds'] * 1000:.0f} ms: removed {out['removed']}"
+                          + (f"; retrain {[r['cid'] for r in out['retrain']]}" if out["retrain"] else ""))
+
+
+@app.command()
+def sources(store: Path = typer.Option(...)) -> None:
+    """List the store's sources and compartments."""
+    from rich.table import Table
+
+    with _open_store(store) as st:
+        comps = st.compartments()
+        table = Table(title=f"store {store}")
+        for col in ("source", "samples", "tags", "compartments", "added"):
+            table.add_column(col)
+        for s in st.sources():
+            cids = [f"{c['cid']} ({c['kind']})" for c in comps if s["id"] in c["sources"]]
+            table.add_row(s["id"], str(s["n"]), ",".join(s["tags"]), ", ".join(cids) or "-", s["added_at"][:19])
+    Console().print(table)
+
+
+@app.command()
+def show(name: str = typer.Argument(...), store: Path = typer.Option(...),
+         hashes: bool = typer.Option(False, help="Also print every sample hash.")) -> None:
+    """Show a compartment's manifest (source, hashes, backbone, config, seed, steps, wall time, DP)."""
+    from rich.table import Table
+
+    with _open_store(store) as st:
+        m = dict(st.compartment(name)["manifest"])
+    src = dict(m.get("source", {}))
+    n_hashes = len(src.get("sample_hashes", []))
+    if not hashes:
+        src["sample_hashes"] = f"<{n_hashes} hashes; --hashes to print>"
+    m["source"] = src
+    table = Table(title=f"compartment {name}", show_header=False)
+    for k in sorted(m):
+        v = m[k]
+        table.add_row(k, json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else str(v))
+    Console().print(table)
+
+
+@app.command()
+def audit(store: Path = typer.Option(...), limit: int = typer.Option(20)) -> None:
+    """The latest audit records: who, when, what, before/after hashes."""
+    from rich.table import Table
+
+    with _open_store(store) as st:
+        rows = st.audit_log(limit=limit)
+    table = Table(title="audit log")
+    for col in ("seq", "when", "who", "action", "target", "before", "after", "details"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(str(r["seq"]), r["ts"][:19], r["actor"], r["action"], str(r["target"]),
+                      (r["before_hash"] or "")[:12], (r["after_hash"] or "")[:12], json.dumps(r["details"])[:80])
+    Console().print(table)
+
+
 def main() -> None:
     try:
         app()

@@ -478,6 +478,25 @@ class Store:
                 self._audit(db, actor, "add-source", source_id, {"tags": tags})
         return self.source(source_id)
 
+    def record(self, action: str, target: str | None, details: dict, *, before: str | None = None,
+               after: str | None = None, actor: str | None = None) -> int:
+        """Append an audit record for an operation done above the store (e.g. a sample-level forget)."""
+        actor = _actor(actor)
+        with self._locked(True), self._tx() as db:
+            return self._audit(db, actor, action, target, details, before=before, after=after)
+
+    def update_source_content(self, source_id: str, *, content_hash: str, n: int, actor: str | None = None) -> dict:
+        """Record that a source's content changed (samples forgotten). The audit record keeps the counts only."""
+        _check_hash("content_hash", content_hash)
+        actor = _actor(actor)
+        with self._locked(True):
+            old = self._require_source(source_id)
+            with self._tx() as db:
+                db.execute("UPDATE sources SET content_hash = ?, n = ? WHERE id = ?", (content_hash, n, source_id))
+                self._audit(db, actor, "update-source", source_id, {"n_before": old["n"], "n_after": n})
+            self._vacuum()
+        return self.source(source_id)
+
     def sources(self) -> list[dict]:
         """Every registered source: ``id, content_hash, n, classes, tags, added_at, added_by``."""
         return [self._source_dict(r) for r in self._db.execute("SELECT * FROM sources ORDER BY id")]

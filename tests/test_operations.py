@@ -1,0 +1,111 @@
+"""Store operations end to end on a tiny backbone: add (continual), paragon, forget a sample (exact), forget a
+source (no trace), wrong backbone refused; and the same through the CLI."""
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cdm.backbone import Backbone, UViT, UViTConfig
+from cdm.cli.main import app
+from cdm.compartments import CompartmentConfig
+from cdm.data import Source, public_protected, split_stratified
+from cdm.errors import DataError, WeightsError
+from cdm.io import state_dict_sha256
+from cdm.operations import (add_source, forget_samples, forget_source, load_compartment, source_data,
+                            train_paragon)
+from cdm.store import Store, StoreError
+from cdm.training.compartment import train_compartment
+
+CFG = CompartmentConfig(steps=4, batch_size=8, n_prompts=2, checkpoint_every=2, warmup=1)
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    torch.manual_seed(0)
+    return Backbone(UViT(UViTConfig(img_size=14, patch_size=7, embed_dim=16, depth=1, num_heads=2))).freeze()
+
+
+@pytest.fixture(scope="module")
+def parts():
+    _, protected = public_protected()
+    small = protected.subset(np.arange(0, 4000, 50), id="mnist/protected/every50")
+    return split_stratified(small, 2)
+
+
+def _weights(store, cid):
+    return store.compartment(cid)["weights_sha256"]
+
+
+def test_lifecycle(tmp_path, backbone, parts):
+    with Store.create(tmp_path / "st") as st:
+        add_source(st, backbone, parts[0], name="s0", cfg=CFG, tags=("public",), progress=False)
+        h0 = _weights(st, "s0")
+        add_source(st, backbone, parts[1], name="s1", cfg=CFG, progress=False)
+        assert _weights(st, "s0") == h0  # continual: adding s1 leaves s0 unchanged
+        with pytest.raises(StoreError, match="already has a compartment"):
+            add_source(st, backbone, parts[1], name="s1", cfg=CFG, progress=False)
+        train_paragon(st, backbone, cfg=CFG, progress=False)
+        assert st.compartment("paragon")["sources"] == ["s0", "s1"]
+
+        # forget two samples of s0: exact retrain, paragon dropped, audit written
+        gone = [parts[0].sample_hashes[3], parts[0].sample_hashes[7][:12]]
+        out = forget_samples(st, backbone, "s0", gone, reason="owner request", progress=False)
+        direct, _ = train_compartment(backbone, parts[0].without(gone), CFG, progress=False)
+        assert out["n_removed"] == 2 and out["dropped"] == ["paragon"]
+        stored = load_compartment(st, backbone, "s0")
+        assert state_dict_sha256(stored.tensors()) == state_dict_sha256(direct.tensors())
+        assert len(source_data(st, "s0")) == len(parts[0]) - 2
+        assert parts[0].sample_hashes[3] not in source_data(st, "s0").sample_hashes
+        assert [r["cid"] for r in st.compartments()] == ["s0", "s1"]
+        last = st.audit_log(limit=1)[0]
+        assert last["action"] == "forget-samples" and last["before_hash"] == h0 and last["after_hash"] == out["after"]
+        with pytest.raises(DataError):
+            forget_samples(st, backbone, "s0", ["f" * 64], progress=False)  # unknown sample: nothing changes
+        assert _weights(st, "s0") == out["after"]
+
+        # forget s1: no file, row or byte of it remains (the audit log names it, nothing else)
+        h_s0 = _weights(st, "s0")
+        s1_weights = _weights(st, "s1")
+        forget_source(st, "s1", reason="contract ended")
+        assert _weights(st, "s0") == h_s0
+        assert [s["id"] for s in st.sources()] == ["s0"]
+        s1_sample = parts[1].images[0].tobytes()
+    for f in (tmp_path / "st").rglob("*"):
+        if f.is_file():
+            data = f.read_bytes()
+            assert s1_weights.encode() not in data or f.name.startswith("registry.sqlite")
+            assert s1_sample not in data
+            assert "s1" not in f.relative_to(tmp_path / "st").as_posix().split("/")
+    with Store.open(tmp_path / "st") as st:
+        assert st.verify() == []
+        assert [a["action"] for a in st.audit_log()][-1] == "forget-source"
+
+
+def test_wrong_backbone_is_refused(tmp_path, backbone, parts):
+    with Store.create(tmp_path / "st") as st:
+        add_source(st, backbone, parts[0], name="s0", cfg=CFG, progress=False)
+        other = Backbone(UViT(UViTConfig(img_size=14, patch_size=7, embed_dim=16, depth=1, num_heads=2))).freeze()
+        with pytest.raises(WeightsError, match="another backbone|trained on backbone"):
+            load_compartment(st, other, "s0")
+
+
+def test_cli_add_show_forget(tmp_path, backbone, parts):
+    backbone.save_pretrained(tmp_path / "bb")
+    parts[0].to_npz(tmp_path / "mine.npz")
+    run = CliRunner().invoke
+    common = ["--store", str(tmp_path / "st")]
+    res = run(app, ["add", str(tmp_path / "mine.npz"), "--name", "mine", "--steps", "3", "--prompts", "2",
+                    "--batch-size", "8", "--backbone", str(tmp_path / "bb"), *common])
+    assert res.exit_code == 0, res.output
+    res = run(app, ["sources", *common])
+    assert res.exit_code == 0 and "mine" in res.output
+    res = run(app, ["show", "mine", *common])
+    assert res.exit_code == 0 and "backbone_hash" in res.output and "sample_hashes" in res.output
+    res = run(app, ["forget", "mine", "--sample", parts[0].sample_hashes[0][:12], "--backbone", str(tmp_path / "bb"),
+                    *common])
+    assert res.exit_code == 0, res.output
+    res = run(app, ["forget", "mine", *common])
+    assert res.exit_code == 0, res.output
+    res = run(app, ["audit", *common], env={"COLUMNS": "250"})
+    assert "forget-source" in res.output and "forget-samples" in res.output
