@@ -10,7 +10,7 @@ import torch
 
 from ..sampling import Denoiser, NoiseSchedule
 
-__all__ = ["draw_noise", "eps_loss"]
+__all__ = ["draw_noise", "eps_loss", "held_out_loss"]
 
 
 def draw_noise(x0: torch.Tensor, schedule: NoiseSchedule, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -26,3 +26,20 @@ def eps_loss(eps: Denoiser, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tens
     xt = schedule.add_noise(x0, noise, t)
     per_sample = (eps(xt, t, **cond).float() - noise).pow(2).flatten(1).mean(1)
     return per_sample if reduction == "none" else per_sample.mean()
+
+
+@torch.no_grad()
+def held_out_loss(eps: Denoiser, x0: torch.Tensor, schedule: NoiseSchedule, *, y: torch.Tensor | None = None,
+                  draws: int = 4, seed: int = 0, batch_size: int = 500) -> float:
+    """Mean denoising loss over ``draws`` fixed (t, noise) draws per sample: the same seed gives the same draws,
+    so two denoisers scored with one seed are compared on identical noise."""
+    g = torch.Generator().manual_seed(seed)
+    total, count = 0.0, 0
+    for _ in range(draws):
+        t, noise = draw_noise(x0, schedule, g)
+        for s in range(0, x0.shape[0], batch_size):
+            sl = slice(s, s + batch_size)
+            cond = {} if y is None else {"y": y[sl]}
+            total += eps_loss(eps, x0[sl], t[sl], noise[sl], schedule, reduction="none", **cond).sum().item()
+            count += x0[sl].shape[0]
+    return total / count
