@@ -69,21 +69,6 @@ def _parse_classes(spec: str | None) -> list[int] | None:
         raise CdmError(f"--classes: expected comma-separated integers, got {spec!r}") from None
 
 
-def _write_samples(out: Path, name: str, images, labels, nrow: int) -> None:
-    import io as _io
-
-    import numpy as np
-
-    from ..io import atomic_write_bytes
-    from ..viz import save_grid
-
-    out.mkdir(parents=True, exist_ok=True)
-    buf = _io.BytesIO()
-    np.savez_compressed(buf, images=images, **({} if labels is None else {"labels": labels}))
-    atomic_write_bytes(out / f"{name}.npz", buf.getvalue())
-    save_grid(images, out / f"{name}.png", nrow=nrow)
-
-
 @app.command()
 def sample(
     out: Path = typer.Option(Path("out/samples"), help="Directory for samples.npz and samples.png."),
@@ -99,6 +84,7 @@ def sample(
 ) -> None:
     """Draw class-conditional images from the backbone: a PNG grid and an .npz (images uint8 N x 28 x 28, labels)."""
     from ..backbone import Backbone
+    from ..demo import write_samples
     from ..generation import sample_backbone
 
     _threads(threads)
@@ -106,7 +92,7 @@ def sample(
     bb = Backbone.from_pretrained(backbone)
     images, labels = sample_backbone(bb, per_class=per_class, classes=wanted, solver=solver,
                                      steps=steps, guidance=guidance, seed=seed, bf16=bf16, progress=True)
-    _write_samples(out, "samples", images, labels, nrow=per_class)
+    write_samples(out, "samples", images, labels, nrow=per_class)
     console.print(f"{len(images)} images -> {out / 'samples.npz'}, {out / 'samples.png'}")
 
 
@@ -136,23 +122,6 @@ def train_classifier_cmd(
     console.print_json(json.dumps(record["held_out"]))
 
 
-def _score(images, labels, classifier: Path, reference: str) -> dict:
-    from ..data import load_source
-    from ..evaluation import DigitClassifier, fid, judge
-
-    model = DigitClassifier.from_pretrained(classifier)
-    ref = load_source(reference)
-    result = {"n": len(images), "reference": ref.id, "fid": round(fid(model, images, ref.images), 3)}
-    if labels is not None:
-        j = judge(model, images, labels)
-        real = judge(model, ref.images, ref.labels) if ref.labels is not None else None
-        result.update(accuracy=round(j["accuracy"], 4), mean_max_prob=round(j["mean_max_prob"], 4))
-        if real is not None:
-            result.update(real_mean_max_prob=round(real["mean_max_prob"], 4),
-                          confidence_ratio=round(j["mean_max_prob"] / real["mean_max_prob"], 4))
-    return result
-
-
 @app.command()
 def score(
     samples: Path = typer.Argument(..., help="An .npz with images (uint8 N x 28 x 28) and optional labels."),
@@ -160,10 +129,13 @@ def score(
     classifier: Path = typer.Option(DEFAULT_CLASSIFIER),
 ) -> None:
     """Score samples with the shipped classifier: accuracy vs requested labels, confidence, FID vs real digits."""
-    from ..data import load_npz
+    from ..data import load_npz, load_source
+    from ..demo import score_samples
+    from ..evaluation import DigitClassifier
 
     src = load_npz(samples)
-    print(json.dumps(_score(src.images, src.labels, classifier, reference), indent=2))
+    print(json.dumps(score_samples(src.images, src.labels, DigitClassifier.from_pretrained(classifier),
+                                   load_source(reference)), indent=2))
 
 
 @app.command()
@@ -171,43 +143,15 @@ def demo(
     out: Path = typer.Option(Path("out/demo"), help="Report directory."),
     backbone: Path = typer.Option(DEFAULT_BACKBONE),
     classifier: Path = typer.Option(DEFAULT_CLASSIFIER),
-    per_class: int = typer.Option(10),
+    per_class: int = typer.Option(10, help="Images per class in each grid."),
+    steps: int = typer.Option(300, help="Training steps per demo compartment."),
     seed: int = typer.Option(0),
 ) -> None:
-    """The main job on the embedded data: sample the shipped backbone, score it, write a report."""
-    import time
+    """The main job on the embedded data: backbone samples, two compartments, a forget; writes report.md."""
+    from ..demo import run_demo
 
-    from ..backbone import Backbone
-    from ..generation import sample_backbone
-
-    t0 = time.perf_counter()
-    bb = Backbone.from_pretrained(backbone)
-    images, labels = sample_backbone(bb, per_class=per_class, guidance=2.0, steps=50, seed=seed, progress=True)
-    _write_samples(out, "backbone", images, labels, nrow=per_class)
-    scores = _score(images, labels, classifier, "mnist/protected")
-    scores["seconds"] = round(time.perf_counter() - t0, 1)
-    from ..io import atomic_write_bytes, atomic_write_json
-
-    atomic_write_json(out / "results.json", {"backbone": scores})
-    report = f"""# cdm demo
-
-## The shipped backbone
-
-Pretrained on public data only (the 1,000-digit public MNIST slice), then frozen. {per_class} images per digit,
-DDIM 50 steps, classifier-free guidance 2, seed {seed}:
-
-![backbone samples](backbone.png)
-
-| metric | value |
-|---|---|
-| accuracy of the shipped classifier vs requested digit | {scores['accuracy']:.3f} |
-| mean max-probability (samples / real protected digits) | {scores['mean_max_prob']:.3f} / {scores['real_mean_max_prob']:.3f} |
-| FID vs the 4,000 protected digits (classifier features, {scores['n']} samples) | {scores['fid']:.2f} |
-
-Wall time {scores['seconds']} s. Compartments, composition and forgetting come next.
-"""
-    atomic_write_bytes(out / "report.md", report.encode())
-    console.print_json(json.dumps(scores))
+    run_demo(out, backbone=backbone, classifier=classifier, per_class=per_class, steps=steps, seed=seed,
+             log=console.print)
     console.print(f"report -> {out / 'report.md'}")
 
 
