@@ -230,3 +230,12 @@ def test_missing_or_foreign_config_is_refused(tmp_path):
     (tmp_path / "bb" / "config.json").write_text('{"kind": "digit-classifier"}')
     with pytest.raises(WeightsError, match="kind"):
         Backbone.from_pretrained(tmp_path / "bb")
+
+
+def test_state_dict_hash_covers_scalars_and_detects_changes():
+    from cdm.io import state_dict_sha256
+
+    a = {"w": torch.ones(2, 2), "n": torch.tensor(3)}
+    b = {"w": torch.ones(2, 2), "n": torch.tensor(4)}
+    assert state_dict_sha256(a) != state_dict_sha256(b)
+    assert state_dict_sha256(a) == state_dict_sha256({"n": torch.tensor(3), "w": torch.ones(2, 2)})

@@ -109,3 +109,22 @@ def test_cli_add_show_forget(tmp_path, backbone, parts):
     assert res.exit_code == 0, res.output
     res = run(app, ["audit", *common], env={"COLUMNS": "250"})
     assert "forget-source" in res.output and "forget-samples" in res.output
+
+
+def test_cli_samples_a_compartment(tmp_path, backbone, parts):
+    import numpy as np
+
+    backbone.save_pretrained(tmp_path / "bb")
+    with Store.create(tmp_path / "st") as st:
+        add_source(st, backbone, parts[0], name="s0", cfg=CFG, progress=False)
+    run = CliRunner().invoke
+    args = ["sample", "--backbone", str(tmp_path / "bb"), "--per-class", "1", "--steps", "2", "--classes", "1,2"]
+    assert run(app, [*args, "--out", str(tmp_path / "b")]).exit_code == 0
+    res = run(app, [*args, "--out", str(tmp_path / "c"), "--store", str(tmp_path / "st"), "--source", "s0"])
+    assert res.exit_code == 0, res.output
+    with np.load(tmp_path / "c" / "samples.npz") as c:
+        assert c["images"].shape == (2, 28, 28) and c["labels"].tolist() == [1, 2]
+    with Store.open(tmp_path / "st") as st:  # the compartment's denoiser is not the backbone's
+        x, t, y = torch.randn(2, 1, 14, 14), torch.tensor([10, 900]), torch.tensor([1, 2])
+        assert not torch.allclose(load_compartment(st, backbone, "s0").denoiser(backbone)(x, t, y), backbone.eps(x, t, y=y))
+    assert run(app, [*args, "--out", str(tmp_path / "d"), "--store", str(tmp_path / "st"), "--source", "zz"]).exit_code

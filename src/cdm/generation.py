@@ -64,8 +64,10 @@ def generate(
     return np.concatenate(out), (None if labels is None else np.asarray(labels, dtype=np.int64))
 
 
-def sample_backbone(backbone: Backbone, per_class: int = 10, classes: list[int] | None = None, **kwargs):
-    """``per_class`` images of each class (default: all real classes, i.e. every label but the null one)."""
+def sample_backbone(backbone: Backbone, per_class: int = 10, classes: list[int] | None = None,
+                    eps: Denoiser | None = None, **kwargs):
+    """``per_class`` images of each class (default: all real classes, i.e. every label but the null one), from
+    the backbone or from ``eps`` (e.g. a compartment's denoiser on this backbone)."""
     c = backbone.config
     if classes is None:
         classes = [k for k in range(c.num_classes) if k != c.null_class]
@@ -76,5 +78,5 @@ def sample_backbone(backbone: Backbone, per_class: int = 10, classes: list[int] 
     if per_class < 1:
         raise ValueError(f"per_class must be >= 1, got {per_class}")
     labels = np.repeat(np.asarray(classes, dtype=np.int64), per_class)
-    return generate(backbone.eps, schedule=backbone.schedule, codec=backbone.codec, labels=labels,
+    return generate(eps or backbone.eps, schedule=backbone.schedule, codec=backbone.codec, labels=labels,
                     null_class=c.null_class, in_chans=c.in_chans, **kwargs)

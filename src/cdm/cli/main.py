@@ -80,17 +80,27 @@ def sample(
     guidance: float = typer.Option(2.0, help="Classifier-free guidance scale (1 = none)."),
     seed: int = typer.Option(0),
     bf16: bool = typer.Option(False, help="bfloat16 autocast for the denoiser."),
+    store: Path | None = typer.Option(None, help="Compartment store (with --source)."),
+    source: str | None = typer.Option(None, help="Sample from this source's compartment instead of the backbone."),
     threads: int | None = typer.Option(None),
 ) -> None:
-    """Draw class-conditional images from the backbone: a PNG grid and an .npz (images uint8 N x 28 x 28, labels)."""
+    """Draw class-conditional images (backbone, or one compartment): a PNG grid and an .npz (images, labels)."""
     from ..backbone import Backbone
     from ..demo import write_samples
     from ..generation import sample_backbone
 
     _threads(threads)
     wanted = _parse_classes(classes)
+    if (store is None) != (source is None):
+        raise CdmError("--store and --source go together")
     bb = Backbone.from_pretrained(backbone)
-    images, labels = sample_backbone(bb, per_class=per_class, classes=wanted, solver=solver,
+    eps = None
+    if store is not None:
+        from ..operations import load_compartment
+
+        with _open_store(store) as st:
+            eps = load_compartment(st, bb, source).denoiser(bb)
+    images, labels = sample_backbone(bb, per_class=per_class, classes=wanted, solver=solver, eps=eps,
                                      steps=steps, guidance=guidance, seed=seed, bf16=bf16, progress=True)
     write_samples(out, "samples", images, labels, nrow=per_class)
     console.print(f"{len(images)} images -> {out / 'samples.npz'}, {out / 'samples.png'}")
