@@ -44,3 +44,14 @@ def progress_bar(name: str, total: int, completed: int, enabled: bool):
     task = bar.add_task(name, total=total, completed=completed, loss=float("nan"))
     with bar:
         yield lambda completed, loss: bar.update(task, completed=completed, loss=loss)
+
+
+@contextlib.contextmanager
+def deterministic_algorithms():
+    """Deterministic kernels inside the block; the caller's setting is restored after it."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)

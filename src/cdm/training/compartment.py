@@ -21,7 +21,7 @@ from ..compartments import Compartment, CompartmentConfig
 from ..data import Source
 from ..errors import DataError, TrainingError
 from .checkpoint import load_checkpoint, save_checkpoint
-from .common import lr_at, progress_bar, step_generator
+from .common import deterministic_algorithms, lr_at, progress_bar, step_generator
 from .loss import draw_noise, eps_loss
 from .pretrain import git_commit, machine_info
 
@@ -59,7 +59,7 @@ def check_source_fits(source: Source, compartment: Compartment) -> None:
                             f"{compartment.num_classes} classes")
 
 
-def train_compartment(
+def _train_compartment(
     backbone: Backbone,
     source: Source,
     cfg: CompartmentConfig,
@@ -82,7 +82,6 @@ def train_compartment(
     x_all = backbone.codec.encode(data.images)
     y_all = torch.tensor(data.labels if data.labels is not None else np.zeros(len(data)), dtype=torch.long)
     uncond = comp.num_classes
-    torch.use_deterministic_algorithms(True)
     comp.init_prompts(step_generator(_TAG + "/init", cfg.seed, 0))
     opt = torch.optim.Adam(comp.parameters(), lr=cfg.lr)
     step, wall, losses = 0, 0.0, []
@@ -151,3 +150,14 @@ def train_compartment(
         "dp": None,
     }
     return (comp if record["finished"] else None), record
+
+
+def train_compartment(backbone: Backbone, source: Source, cfg: CompartmentConfig, **kwargs) -> tuple[Compartment | None, dict]:
+    """Train a compartment; returns ``(compartment, record)``, or ``(None, record)`` if ``max_minutes`` paused it.
+
+    Keywords: ``work_dir`` (resumable checkpoint; a finished run leaves it for the caller to clear),
+    ``max_minutes``, ``progress``, ``on_batch``. The backbone is frozen and never written. Deterministic kernels
+    are on inside, restored after.
+    """
+    with deterministic_algorithms():
+        return _train_compartment(backbone, source, cfg, **kwargs)

@@ -32,7 +32,7 @@ from ..data.source import Source
 from ..errors import TrainingError
 from ..sampling import NoiseSchedule
 from .checkpoint import load_checkpoint, save_checkpoint
-from .common import lr_at, progress_bar, step_generator
+from .common import deterministic_algorithms, lr_at, progress_bar, step_generator
 from .loss import draw_noise, eps_loss
 
 __all__ = ["PretrainConfig", "git_commit", "machine_info", "pretrain", "public_training_set"]
@@ -102,7 +102,7 @@ def machine_info() -> dict:
             "torch": torch.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
-def pretrain(cfg: PretrainConfig, out: str | Path, *, max_minutes: float | None = None, progress: bool = True,
+def _pretrain(cfg: PretrainConfig, out: str | Path, *, max_minutes: float | None = None, progress: bool = True,
              command: str | None = None, on_batch: Callable[[np.ndarray], None] | None = None) -> dict:
     """Train (or resume) a backbone in ``out``; when ``cfg.steps`` are done, write the shipped bundle there.
 
@@ -112,7 +112,6 @@ def pretrain(cfg: PretrainConfig, out: str | Path, *, max_minutes: float | None 
     lr_at(0, lr=cfg.lr, warmup=cfg.warmup, steps=cfg.steps, schedule=cfg.lr_schedule)  # validates the schedule
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.use_deterministic_algorithms(True)
     data = public_training_set(cfg)
     codec = PixelCodec(data_size=28, model_size=cfg.img_size)
     schedule = NoiseSchedule(cfg.schedule)
@@ -190,3 +189,14 @@ def pretrain(cfg: PretrainConfig, out: str | Path, *, max_minutes: float | None 
     if record["finished"]:
         Backbone(ema.eval(), schedule, codec).save_pretrained(out, record=record)
     return record
+
+
+def pretrain(cfg: PretrainConfig, out: str | Path, **kwargs) -> dict:
+    """Train (or resume) a backbone in ``out``; when ``cfg.steps`` are done, write the shipped bundle there.
+
+    ``out/checkpoint.safetensors`` holds the resumable state; ``max_minutes`` stops early after a checkpoint
+    (train in chunks); ``on_batch(images)`` sees every training batch (tests use it). Returns the training
+    record (``finished`` says whether all steps are done). Deterministic kernels are on inside, restored after.
+    """
+    with deterministic_algorithms():
+        return _pretrain(cfg, out, **kwargs)
