@@ -29,6 +29,7 @@ __all__ = [
     "atomic_write_json",
     "file_sha256",
     "load_state_dict",
+    "load_strict",
     "read_json",
     "save_state_dict",
     "state_dict_sha256",
@@ -129,3 +130,42 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
         raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str | os.PathLike) -> None:
+    """``load_state_dict(strict=True)`` with a short :class:`WeightsError` instead of torch's long message."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
+
+    def few(keys: list[str]) -> str:
+        return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing ({few(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected ({few(unexpected)})")
+    if wrong:
+        k = wrong[0]
+        problems.append(f"{len(wrong)} of the wrong shape (e.g. {k}: {tuple(state[k].shape)} in the file, "
+                        f"{tuple(expected[k].shape)} in the config)")
+    if problems:
+        raise WeightsError(f"{where}: weights do not match the config: " + "; ".join(problems))
+    bad_dtype = sorted(k for k in state if state[k].is_floating_point() != expected[k].is_floating_point())
+    if bad_dtype:
+        raise WeightsError(f"{where}: tensor {bad_dtype[0]} has dtype {state[bad_dtype[0]].dtype}, "
+                           f"expected {expected[bad_dtype[0]].dtype}")
+    model.load_state_dict(state, strict=True)
+
+
+def config_from_dict(cls, d: dict, what: str, ignore: tuple[str, ...] = ()):
+    """Build the config dataclass ``cls`` from ``d``; unknown fields are an error naming them."""
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known - set(ignore))
+    if unknown:
+        raise ValueError(f"unknown {what} config fields: {', '.join(unknown)}")
+    return cls(**{k: v for k, v in d.items() if k in known})

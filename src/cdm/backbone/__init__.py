@@ -1,8 +1,8 @@
 """The frozen denoiser: U-ViT with deep prompts, its pixel codec and the pretrained bundle."""
 
 from .pixels import PixelCodec
-from .pretrained import DEFAULT_BACKBONE, Backbone, load_uvit_state
+from .pretrained import DEFAULT_BACKBONE, Backbone
 from .uvit import UViT, UViTConfig, patchify, timestep_embedding, unpatchify
 
-__all__ = ["DEFAULT_BACKBONE", "Backbone", "PixelCodec", "UViT", "UViTConfig", "load_uvit_state", "patchify",
+__all__ = ["DEFAULT_BACKBONE", "Backbone", "PixelCodec", "UViT", "UViTConfig", "patchify",
            "timestep_embedding", "unpatchify"]

@@ -21,6 +21,7 @@ from ..io import (
     WEIGHTS_NAME,
     atomic_write_json,
     load_state_dict,
+    load_strict,
     read_json,
     save_state_dict,
     state_dict_sha256,
@@ -29,28 +30,10 @@ from ..sampling import NoiseSchedule, classifier_free_guidance
 from .pixels import PixelCodec
 from .uvit import UViT, UViTConfig
 
-__all__ = ["DEFAULT_BACKBONE", "Backbone", "load_uvit_state"]
+__all__ = ["DEFAULT_BACKBONE", "Backbone"]
 
 KIND = "cdm-backbone"
 DEFAULT_BACKBONE = Path(__file__).resolve().parents[3] / "weights" / "backbone"
-
-
-def load_uvit_state(net: UViT, state: dict[str, torch.Tensor], origin: str = "checkpoint") -> None:
-    """``load_state_dict(strict=True)`` with a short, specific error instead of torch's wall of text."""
-    own = net.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing (e.g. {missing[0]})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-    if wrong:
-        problems.append(f"{len(wrong)} of the wrong shape (e.g. {wrong[0]})")
-    if problems:
-        raise WeightsError(f"{origin}: does not fit this U-ViT config: " + "; ".join(problems))
-    net.load_state_dict(state, strict=True)
 
 
 @dataclass
@@ -116,6 +99,6 @@ class Backbone:
             codec = PixelCodec(**cfg.get("codec", {}))
         except (KeyError, TypeError, ValueError) as e:
             raise WeightsError(f"{path / CONFIG_NAME}: invalid config ({e})") from None
-        load_uvit_state(net, load_state_dict(path / WEIGHTS_NAME), origin=str(path / WEIGHTS_NAME))
+        load_strict(net, load_state_dict(path / WEIGHTS_NAME), path / WEIGHTS_NAME)
         rec = path / "training.json"
         return cls(net, schedule, codec, read_json(rec) if rec.exists() else None).freeze()

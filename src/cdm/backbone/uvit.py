@@ -16,11 +16,13 @@ away, so prompts steer the image tokens through attention only. In out-blocks th
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..io import config_from_dict
 
 __all__ = ["UViT", "UViTConfig", "patchify", "timestep_embedding", "unpatchify"]
 
@@ -67,11 +69,7 @@ class UViTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> UViTConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown U-ViT config fields: {', '.join(unknown)}")
-        return cls(**d)
+        return config_from_dict(cls, d, "U-ViT")
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

@@ -17,13 +17,14 @@ the source, comes from the prompts.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
 from ..backbone import Backbone
 from ..errors import WeightsError
+from ..io import config_from_dict
 
 __all__ = ["Compartment", "CompartmentConfig", "PromptTable"]
 
@@ -63,11 +64,7 @@ class CompartmentConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> CompartmentConfig:
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown compartment config fields: {', '.join(unknown)}")
-        return cls(**d)
+        return config_from_dict(cls, d, "compartment")
 
 
 class PromptTable(nn.Module):

@@ -17,7 +17,7 @@ import math
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,9 @@ from ..io import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     atomic_write_json,
+    config_from_dict,
     load_state_dict,
+    load_strict,
     read_json,
     save_state_dict,
 )
@@ -133,11 +135,7 @@ class ClassifierConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ClassifierConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known - {"kind"})
-        if unknown:
-            raise ValueError(f"unknown classifier config keys: {', '.join(unknown)}")
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return config_from_dict(cls, d, "classifier", ignore=("kind",))
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
@@ -211,36 +209,8 @@ class DigitClassifier(nn.Module):
             raise WeightsError(f"{directory / CONFIG_NAME}: invalid classifier config ({e})") from None
         state = load_state_dict(directory / WEIGHTS_NAME)
         model = cls(config)
-        _load_strict(model, state, directory / WEIGHTS_NAME)
+        load_strict(model, state, directory / WEIGHTS_NAME)
         return model.eval()
-
-
-def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
-    """``load_state_dict(strict=True)`` with a short :class:`WeightsError` instead of torch's long message."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
-
-    def few(keys: list[str]) -> str:
-        return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
-
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing ({few(missing)})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected ({few(unexpected)})")
-    if wrong:
-        k = wrong[0]
-        problems.append(f"{len(wrong)} of the wrong shape (e.g. {k}: {tuple(state[k].shape)} in the file, "
-                        f"{tuple(expected[k].shape)} in the config)")
-    if problems:
-        raise WeightsError(f"{where}: weights do not match the config: " + "; ".join(problems))
-    bad_dtype = sorted(k for k in state if state[k].is_floating_point() != expected[k].is_floating_point())
-    if bad_dtype:
-        raise WeightsError(f"{where}: tensor {bad_dtype[0]} has dtype {state[bad_dtype[0]].dtype}, "
-                           f"expected {expected[bad_dtype[0]].dtype}")
-    model.load_state_dict(state, strict=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
