@@ -1,6 +1,6 @@
 """Noise schedule and solvers (bottom layer: imports no model)."""
 
 from .schedule import SCHEDULES, NoiseSchedule
-from .solvers import SOLVERS, Denoiser, classifier_free_guidance, sample
+from .solvers import SOLVERS, STOCHASTIC, Denoiser, classifier_free_guidance, sample
 
-__all__ = ["SCHEDULES", "SOLVERS", "Denoiser", "NoiseSchedule", "classifier_free_guidance", "sample"]
+__all__ = ["SCHEDULES", "SOLVERS", "STOCHASTIC", "Denoiser", "NoiseSchedule", "classifier_free_guidance", "sample"]

@@ -42,8 +42,16 @@ def _dpmpp2m(schedule: NoiseSchedule, clip: bool):
                                        lower_order_final=True, final_sigmas_type="zero"), {}
 
 
+def _ddpm(schedule: NoiseSchedule, clip: bool):
+    # Ancestral sampling (DDIM with eta = 1, i.e. DDPM's posterior variance): a discretised reverse SDE whose
+    # noise matches the forward diffusion, which the Ito density estimator (cdm.composition) relies on.
+    sched, kwargs = _ddim(schedule, clip)
+    return sched, {**kwargs, "eta": 1.0}
+
+
 # name -> factory(schedule, clip) -> (diffusers scheduler, step kwargs)
-SOLVERS: dict[str, Callable] = {"ddim": _ddim, "dpmpp2m": _dpmpp2m}
+SOLVERS: dict[str, Callable] = {"ddim": _ddim, "dpmpp2m": _dpmpp2m, "ddpm": _ddpm}
+STOCHASTIC = {"ddpm"}  # solvers that draw fresh noise at every step (from ``generator``)
 
 
 def classifier_free_guidance(eps: Denoiser, scale: float, uncond: dict) -> Denoiser:
@@ -87,18 +95,21 @@ def sample(
     clip: bool = True,
     bf16: bool = False,
     callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    generator: torch.Generator | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
     """Integrate the reverse process from ``noise`` (x_T) to x_0 with ``steps`` denoiser evaluations.
 
     ``callback(i, t, x)`` is called after each step. ``bf16`` runs the denoiser under bfloat16 autocast (the
-    solver state stays float32).
+    solver state stays float32). Stochastic solvers draw their per-step noise from ``generator``.
     """
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; known: {', '.join(SOLVERS)}")
     if not 1 <= steps <= schedule.num_train_timesteps:
         raise ValueError(f"steps must be in 1..{schedule.num_train_timesteps}, got {steps}")
     sched, step_kwargs = SOLVERS[solver](schedule, clip)
+    if solver in STOCHASTIC:
+        step_kwargs["generator"] = generator if generator is not None else torch.Generator().manual_seed(0)
     sched.set_timesteps(steps)
     x = noise.float()
     cond = cond or {}
