@@ -113,3 +113,28 @@ def test_plain_functions_compose_and_bad_priors_are_refused():
     for bad in ([1], [-1, 2], [0, 0], [float("nan"), 1]):
         with pytest.raises(ValueError, match="priors"):
             ComposedDenoiser([f, g], NaiveWeighting(), priors=bad)
+
+
+def test_compartment_bank_matches_separate_calls():
+    from cdm.backbone import Backbone, UViT, UViTConfig
+    from cdm.compartments import Compartment, CompartmentConfig
+    from cdm.composition import CompartmentBank
+
+    torch.manual_seed(0)
+    bb = Backbone(UViT(UViTConfig(img_size=14, patch_size=7, embed_dim=16, depth=3, num_heads=2))).freeze()
+    comps = []
+    for s in range(3):
+        c = Compartment.for_backbone(bb, CompartmentConfig(n_prompts=2))
+        c.init_prompts(torch.Generator().manual_seed(s))
+        comps.append(c)
+    bank = CompartmentBank(bb, comps)
+    x, t = torch.randn(5, 1, 14, 14), torch.tensor([1, 200, 500, 800, 999])
+    y, index = torch.tensor([0, 3, 10, 7, 9]), torch.tensor([2, 0, 1, 1, 2])
+    with torch.no_grad():
+        batched = bank(x, t, index, y=y)
+        one_by_one = torch.cat([comps[int(i)].eps(bb, x[r:r + 1], t[r:r + 1], y[r:r + 1]) for r, i in enumerate(index)])
+    torch.testing.assert_close(batched, one_by_one, atol=1e-5, rtol=1e-4)
+    composed = ComposedDenoiser(bank, NaiveWeighting())
+    with torch.no_grad():
+        out = composed(x, t, y=y)
+    assert out.shape == x.shape and composed.evals == 15

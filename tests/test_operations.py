@@ -120,11 +120,32 @@ def test_cli_samples_a_compartment(tmp_path, backbone, parts):
     run = CliRunner().invoke
     args = ["sample", "--backbone", str(tmp_path / "bb"), "--per-class", "1", "--steps", "2", "--classes", "1,2"]
     assert run(app, [*args, "--out", str(tmp_path / "b")]).exit_code == 0
-    res = run(app, [*args, "--out", str(tmp_path / "c"), "--store", str(tmp_path / "st"), "--source", "s0"])
+    res = run(app, [*args, "--out", str(tmp_path / "c"), "--store", str(tmp_path / "st"), "--sources", "s0"])
     assert res.exit_code == 0, res.output
     with np.load(tmp_path / "c" / "samples.npz") as c:
         assert c["images"].shape == (2, 28, 28) and c["labels"].tolist() == [1, 2]
     with Store.open(tmp_path / "st") as st:  # the compartment's denoiser is not the backbone's
         x, t, y = torch.randn(2, 1, 14, 14), torch.tensor([10, 900]), torch.tensor([1, 2])
         assert not torch.allclose(load_compartment(st, backbone, "s0").denoiser(backbone)(x, t, y), backbone.eps(x, t, y=y))
-    assert run(app, [*args, "--out", str(tmp_path / "d"), "--store", str(tmp_path / "st"), "--source", "zz"]).exit_code
+    assert run(app, [*args, "--out", str(tmp_path / "d"), "--store", str(tmp_path / "st"), "--sources", "zz"]).exit_code
+
+
+def test_cli_composes_sources(tmp_path, backbone, parts):
+    import numpy as np
+
+    backbone.save_pretrained(tmp_path / "bb")
+    with Store.create(tmp_path / "st") as st:
+        for j in range(2):
+            add_source(st, backbone, parts[j], name=f"s{j}", cfg=CFG, progress=False)
+    run = CliRunner().invoke
+    args = ["sample", "--backbone", str(tmp_path / "bb"), "--store", str(tmp_path / "st"), "--sources", "s0,s1",
+            "--steps", "4", "--out", str(tmp_path / "o")]
+    res = run(app, [*args, "--n", "6", "--weighting", "ito"])
+    assert res.exit_code != 0  # ito needs the stochastic solver
+    res = run(app, [*args, "--n", "6", "--weighting", "ito", "--solver", "ddpm"])
+    assert res.exit_code == 0, res.output
+    with np.load(tmp_path / "o" / "weights.npz") as f:
+        assert f["weights"].shape == (4, 6, 2) and f["sources"].tolist() == ["s0", "s1"]
+        assert np.allclose(f["weights"].sum(-1), 1)
+    res = run(app, [*args, "--per-class", "1", "--classes", "2,3", "--weighting", "naive", "--sparse", "0.01"])
+    assert res.exit_code == 0, res.output

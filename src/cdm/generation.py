@@ -33,21 +33,25 @@ def generate(
     batch_size: int = 250,
     in_chans: int = 1,
     progress: bool = False,
+    trajectories: list | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Draw images. Class-conditional when ``labels`` is given (one image per label), else ``n`` images.
 
-    The initial noise of all images comes from one generator seeded with ``seed``, so results do not depend
-    on ``batch_size``.
+    The initial noise of all images comes from one generator seeded with ``seed``, so deterministic solvers
+    do not depend on ``batch_size``. A stateful denoiser (a composed one: path state, gates, weights) is
+    ``reset()`` before each batch; if ``trajectories`` is a list, each batch's weight trajectory is appended.
     """
     if labels is None and n is None:
         raise ValueError("give labels (class-conditional) or n (unconditional)")
     count = len(labels) if labels is not None else int(n)
     if not 1 <= count <= MAX_SAMPLES:
         raise ValueError(f"number of images must be in 1..{MAX_SAMPLES}, got {count}")
+    base = eps
     if guidance != 1.0:
         if labels is None or null_class is None:
             raise ValueError("classifier-free guidance needs labels and a null class")
         eps = classifier_free_guidance(eps, guidance, {"y": null_class})
+    step_noise = torch.Generator().manual_seed(seed + 1)  # for stochastic solvers
     m = codec.model_size
     noise = torch.randn((count, in_chans, m, m), generator=torch.Generator().manual_seed(seed))
     y_all = None if labels is None else torch.as_tensor(np.asarray(labels), dtype=torch.long)
@@ -59,8 +63,13 @@ def generate(
         chunks = track(chunks, description=f"sampling {count} images")
     for s in chunks:
         cond = {} if y_all is None else {"y": y_all[s:s + batch_size]}
-        x = sample(eps, noise[s:s + batch_size], schedule=schedule, solver=solver, steps=steps, cond=cond, bf16=bf16)
+        if hasattr(base, "reset"):
+            base.reset()
+        x = sample(eps, noise[s:s + batch_size], schedule=schedule, solver=solver, steps=steps, cond=cond, bf16=bf16,
+                   generator=step_noise)
         out.append(codec.decode(x))
+        if trajectories is not None and hasattr(base, "trajectory"):
+            trajectories.append(base.trajectory())
     return np.concatenate(out), (None if labels is None else np.asarray(labels, dtype=np.int64))
 
 

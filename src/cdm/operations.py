@@ -22,7 +22,7 @@ from .errors import CdmError
 from .store import Store, StoreError
 from .training.compartment import concat_sources, train_compartment
 
-__all__ = ["add_source", "train_paragon", "forget_source", "forget_samples", "load_compartment", "source_data",
+__all__ = ["add_source", "compose", "train_paragon", "forget_source", "forget_samples", "load_compartment", "source_data",
            "PARAGON"]
 
 PARAGON = "paragon"
@@ -146,3 +146,25 @@ def forget_samples(store: Store, backbone: Backbone, name: str, sample_ids: list
     }, before=row["weights_sha256"], after=new_row["weights_sha256"], actor=actor)
     return {"source": name, "n_removed": removed_n, "seconds": seconds, "before": row["weights_sha256"],
             "after": new_row["weights_sha256"], "dropped": [r["cid"] for r in dropped if r["cid"] != name]}
+
+
+def compose(store: Store, backbone: Backbone, names: list[str], *, weighting: str = "ito", threshold: float = 0.0,
+            priors: list[float] | None = None, seed: int = 0):
+    """A composed denoiser over stored compartments (default priors: proportional to source size)."""
+    from .composition import WEIGHTINGS, CompartmentBank, ComposedDenoiser
+
+    if weighting not in WEIGHTINGS or weighting == "oracle":
+        known = [k for k in WEIGHTINGS if k != "oracle"]
+        raise CdmError(f"unknown weighting {weighting!r}; known: {', '.join(known)}")
+    if not names:
+        raise CdmError("no sources to compose")
+    comps = [load_compartment(store, backbone, n) for n in names]
+    if priors is None:
+        priors = [float(store.source(n)["n"]) for n in names]
+    if weighting == "ito":
+        w = WEIGHTINGS["ito"](backbone.schedule)
+    elif weighting == "single":
+        w = WEIGHTINGS["single"](torch.Generator().manual_seed(seed))
+    else:
+        w = WEIGHTINGS[weighting]()
+    return ComposedDenoiser(CompartmentBank(backbone, comps), w, priors=priors, threshold=threshold)

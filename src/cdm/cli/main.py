@@ -75,35 +75,62 @@ def sample(
     backbone: Path = typer.Option(DEFAULT_BACKBONE, help="Backbone directory (config.json + model.safetensors)."),
     per_class: int = typer.Option(10, help="Images per class."),
     classes: str | None = typer.Option(None, help="Comma-separated class labels (default: all)."),
-    solver: str = typer.Option("ddim", help="ddim | dpmpp2m"),
-    steps: int = typer.Option(50, help="Denoiser evaluations per image."),
+    n: int | None = typer.Option(None, help="Draw N unconditional images instead of per-class ones."),
+    solver: str = typer.Option("ddim", help="ddim | dpmpp2m | ddpm (ancestral; needed by --weighting ito)"),
+    steps: int = typer.Option(50, help="Solver steps."),
     guidance: float = typer.Option(2.0, help="Classifier-free guidance scale (1 = none)."),
     seed: int = typer.Option(0),
     bf16: bool = typer.Option(False, help="bfloat16 autocast for the denoiser."),
-    store: Path | None = typer.Option(None, help="Compartment store (with --source)."),
-    source: str | None = typer.Option(None, help="Sample from this source's compartment instead of the backbone."),
+    store: Path | None = typer.Option(None, help="Compartment store (with --sources)."),
+    sources: str | None = typer.Option(None, help="Comma-separated sources to compose (one = that compartment)."),
+    weighting: str = typer.Option("ito", help="How to weight composed sources: ito | naive | single."),
+    sparse: float = typer.Option(0.0, help="Stop evaluating a source for a sample once its weight < this."),
     threads: int | None = typer.Option(None),
 ) -> None:
-    """Draw class-conditional images (backbone, or one compartment): a PNG grid and an .npz (images, labels)."""
+    """Draw images from the backbone, one compartment, or a composition of compartments (PNG grid + .npz)."""
+    import numpy as np
+
     from ..backbone import Backbone
     from ..demo import write_samples
-    from ..generation import sample_backbone
+    from ..generation import generate, sample_backbone
 
     _threads(threads)
     wanted = _parse_classes(classes)
-    if (store is None) != (source is None):
-        raise CdmError("--store and --source go together")
+    if (store is None) != (sources is None):
+        raise CdmError("--store and --sources go together")
+    if weighting == "ito" and sources and "," in sources and solver != "ddpm":
+        raise CdmError("--weighting ito tracks densities along a stochastic path: use --solver ddpm")
     bb = Backbone.from_pretrained(backbone)
-    eps = None
+    eps, composed, names = None, None, []
     if store is not None:
-        from ..operations import load_compartment
+        from ..operations import compose
 
+        names = [s for s in sources.split(",") if s]
         with _open_store(store) as st:
-            eps = load_compartment(st, bb, source).denoiser(bb)
-    images, labels = sample_backbone(bb, per_class=per_class, classes=wanted, solver=solver, eps=eps,
-                                     steps=steps, guidance=guidance, seed=seed, bf16=bf16, progress=True)
-    write_samples(out, "samples", images, labels, nrow=per_class)
-    console.print(f"{len(images)} images -> {out / 'samples.npz'}, {out / 'samples.png'}")
+            composed = compose(st, bb, names, weighting=weighting, threshold=sparse, seed=seed)
+        eps = composed
+    trajectories: list = []
+    if n is not None:
+        images, labels = generate(eps or bb.eps, schedule=bb.schedule, codec=bb.codec, n=n, solver=solver, steps=steps,
+                                  seed=seed, bf16=bf16, progress=True, trajectories=trajectories)
+    else:
+        images, labels = sample_backbone(bb, per_class=per_class, classes=wanted, solver=solver, eps=eps, steps=steps,
+                                         guidance=guidance, seed=seed, bf16=bf16, progress=True,
+                                         trajectories=trajectories)
+    write_samples(out, "samples", images, labels, nrow=per_class if n is None else 10)
+    msg = f"{len(images)} images -> {out / 'samples.npz'}, {out / 'samples.png'}"
+    if composed is not None:
+        from ..io import atomic_write_bytes
+        import io as _io
+
+        traj = np.concatenate([t.numpy() for t in trajectories], axis=1)  # (calls, N or 2N with guidance, n)
+        buf = _io.BytesIO()
+        np.savez_compressed(buf, weights=traj, sources=np.array(names))
+        atomic_write_bytes(out / "weights.npz", buf.getvalue())
+        final = traj[-1, : len(images)].mean(0)
+        msg += (f"; {composed.evals} denoiser evaluations in the last batch; mean final weights "
+                + ", ".join(f"{k}={v:.2f}" for k, v in zip(names, final)) + f" -> {out / 'weights.npz'}")
+    console.print(msg)
 
 
 @app.command("train-classifier")

@@ -1,0 +1,41 @@
+"""Compartments on one backbone as a bank: every (sample, compartment) pair in ONE batched forward.
+
+Rows carry their own prompts (the prompt tables are stacked and gathered per row), so n compartments cost one
+backbone call on n x B rows instead of n calls.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..backbone import Backbone
+from ..compartments import Compartment
+
+__all__ = ["CompartmentBank"]
+
+
+class CompartmentBank:
+    def __init__(self, backbone: Backbone, compartments: Sequence[Compartment]):
+        if not compartments:
+            raise ValueError("no compartments to compose")
+        shapes = {(c.prompts.table.weight.shape, c.prompts.shape, c.config.conditional) for c in compartments}
+        if len(shapes) != 1:
+            raise ValueError("compartments to compose in one batch must share prompt count and conditioning")
+        self.backbone = backbone
+        self.compartments = list(compartments)
+        self.tables = torch.stack([c.prompts.table.weight.detach() for c in compartments])  # (n, rows, flat)
+        self.prompt_shape = compartments[0].prompts.shape
+
+    def __len__(self) -> int:
+        return len(self.compartments)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, index: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        first = self.compartments[0]
+        rows = first.row(y, x.shape[0])  # same row layout for every compartment
+        prompts = self.tables[index, rows].view(x.shape[0], *self.prompt_shape).to(x.device)
+        c = self.backbone.config
+        null = None if c.null_class is None else torch.full((x.shape[0],), c.null_class, dtype=torch.long,
+                                                             device=x.device)
+        return self.backbone.net(x, t, y=null, prompts=prompts)
