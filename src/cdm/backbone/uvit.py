@@ -229,7 +229,10 @@ class UViT(nn.Module):
         timesteps: torch.Tensor,
         y: torch.Tensor | None = None,
         prompts: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        return_mid: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Predict eps. With ``return_mid`` also return the tokens after the mid block (B, extras + patches, D),
+        prompts dropped: what the CDM router heads read."""
         c = self.config
         if x.ndim != 4 or x.shape[1:] != (c.in_chans, c.img_size, c.img_size):
             raise ValueError(f"expected input (B, {c.in_chans}, {c.img_size}, {c.img_size}), got {tuple(x.shape)}")
@@ -257,7 +260,9 @@ class UViT(nn.Module):
             h = blk(h, prompt=p())
             skips.append(h)
         h = self.mid_block(h, prompt=p())
+        mid = h
         for blk in self.out_blocks:
             h = blk(h, skips.pop(), prompt=p())
         h = self.decoder_pred(self.norm(h))[:, c.extras:]
-        return self.final_layer(unpatchify(h, c.in_chans))
+        eps = self.final_layer(unpatchify(h, c.in_chans))
+        return (eps, mid) if return_mid else eps

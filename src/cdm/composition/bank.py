@@ -31,11 +31,14 @@ class CompartmentBank:
     def __len__(self) -> int:
         return len(self.compartments)
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, index: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, index: torch.Tensor, y: torch.Tensor | None = None,
+                 return_mid: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """eps for each row from compartment ``index[row]``; with ``return_mid`` also that forward's tokens after
+        the mid block (rows, L, D), for router heads."""
         first = self.compartments[0]
         rows = first.row(y, x.shape[0])  # same row layout for every compartment
         prompts = self.tables[index, rows].view(x.shape[0], *self.prompt_shape).to(x.device)
         c = self.backbone.config
         null = None if c.null_class is None else torch.full((x.shape[0],), c.null_class, dtype=torch.long,
                                                              device=x.device)
-        return self.backbone.net(x, t, y=null, prompts=prompts)
+        return self.backbone.net(x, t, y=null, prompts=prompts, return_mid=return_mid)

@@ -98,12 +98,20 @@ class ComposedDenoiser:
             self.active = torch.nn.functional.one_hot(k, n).bool()
         rows, idx = self.active.nonzero(as_tuple=True)
         sub = {k: (v[rows] if torch.is_tensor(v) and v.ndim and v.shape[0] == b else v) for k, v in cond.items()}
-        eps_rows = self.bank(x[rows], t[rows], idx, **sub)
+        extra = {}
+        if getattr(self.weighting, "needs_mid", False):  # learned heads read the same forward's mid tokens
+            eps_rows, mid_rows = self.bank(x[rows], t[rows], idx, return_mid=True, **sub)
+            mid = torch.zeros((b, n, *mid_rows.shape[1:]), dtype=mid_rows.dtype, device=x.device)
+            mid[rows, idx] = mid_rows
+            extra["mid"] = mid
+        else:
+            eps_rows = self.bank(x[rows], t[rows], idx, **sub)
         self.evals += int(rows.numel())
         self.calls += 1
         eps = torch.zeros((b, n, *x.shape[1:]), dtype=eps_rows.dtype, device=x.device)
         eps[rows, idx] = eps_rows
-        logits = self.log_prior.unsqueeze(0) + self.weighting.log_likelihood(x, t, eps, self.active, self.log_prior)
+        logits = self.log_prior.unsqueeze(0) + self.weighting.log_likelihood(x, t, eps, self.active, self.log_prior,
+                                                                             **extra)
         logits = logits.masked_fill(~self.active, float("-inf"))
         w = logits.softmax(dim=1)
         if self.threshold > 0:

@@ -52,9 +52,10 @@ class Weighting(Protocol):
         """Forget per-path state (called when a new sampling run starts)."""
 
     def log_likelihood(self, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, active: torch.Tensor,
-                       log_prior: torch.Tensor) -> torch.Tensor:
+                       log_prior: torch.Tensor, **extra) -> torch.Tensor:
         """``x`` (B, ...), ``t`` (B,), ``eps`` (B, n, ...) for active pairs (others are zero), ``active`` (B, n)
-        bool, ``log_prior`` (n,). Returns (B, n)."""
+        bool, ``log_prior`` (n,). Returns (B, n). A weighting with ``needs_mid = True`` also gets ``mid``
+        (B, n, L, D): the tokens after the backbone's mid block in each (sample, compartment) forward."""
 
 
 class NaiveWeighting:
@@ -63,7 +64,7 @@ class NaiveWeighting:
     def reset(self) -> None:
         pass
 
-    def log_likelihood(self, x, t, eps, active, log_prior):
+    def log_likelihood(self, x, t, eps, active, log_prior, **extra):
         return torch.zeros(active.shape, dtype=torch.float64)
 
 
@@ -85,7 +86,7 @@ class SingleWeighting:
             self.choice = torch.multinomial(probs.expand(batch, -1), 1, generator=self.generator)[:, 0]
         return self.choice
 
-    def log_likelihood(self, x, t, eps, active, log_prior):
+    def log_likelihood(self, x, t, eps, active, log_prior, **extra):
         k = self.choose(x.shape[0], log_prior)
         out = torch.full(active.shape, float("-inf"), dtype=torch.float64)
         out[torch.arange(x.shape[0]), k] = 0.0
@@ -103,7 +104,7 @@ class OracleWeighting:
     def reset(self) -> None:
         pass
 
-    def log_likelihood(self, x, t, eps, active, log_prior):
+    def log_likelihood(self, x, t, eps, active, log_prior, **extra):
         return torch.stack([f(x, t).double() for f in self.log_density], dim=1)
 
 
@@ -120,7 +121,7 @@ class ItoWeighting:
         self.log_q: torch.Tensor | None = None
         self.prev: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # x, t, scores (B, n, ...)
 
-    def log_likelihood(self, x, t, eps, active, log_prior):
+    def log_likelihood(self, x, t, eps, active, log_prior, **extra):
         b, n = active.shape
         sigma = (1 - self.log_abar[t].exp()).sqrt().view(b, 1, *([1] * (x.ndim - 1)))
         scores = -eps.double() / sigma
