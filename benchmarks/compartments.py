@@ -90,8 +90,14 @@ def run_paragon(args, bb: Backbone) -> dict:
 
 
 def run_forget(args, bb: Backbone) -> dict:
+    import shutil
+
     train0 = parts()[0][0]
-    with Store.open(args.out / "store") as st:
+    work = args.out / "store-forget"  # a copy: the 8-compartment store stays whole for the composition benchmark
+    if work.exists():
+        shutil.rmtree(work)
+    shutil.copytree(args.out / "store", work)
+    with Store.open(work) as st:
         before = {r["cid"]: r["weights_sha256"] for r in st.compartments()}
         sample = forget_samples(st, bb, "s0", [train0.sample_hashes[0]], reason="benchmark", progress=False)
         direct, _ = train_compartment(bb, train0.without([train0.sample_hashes[0]]), cfg_for(args, args.steps),

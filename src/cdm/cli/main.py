@@ -83,7 +83,7 @@ def sample(
     bf16: bool = typer.Option(False, help="bfloat16 autocast for the denoiser."),
     store: Path | None = typer.Option(None, help="Compartment store (with --sources)."),
     sources: str | None = typer.Option(None, help="Comma-separated sources to compose (one = that compartment)."),
-    weighting: str = typer.Option("ito", help="How to weight composed sources: ito | naive | single."),
+    weighting: str = typer.Option("ito", help="ito | router | isolated | classifier | naive | single."),
     sparse: float = typer.Option(0.0, help="Stop evaluating a source for a sample once its weight < this."),
     threads: int | None = typer.Option(None),
 ) -> None:
@@ -344,6 +344,47 @@ def audit(store: Path = typer.Option(...), limit: int = typer.Option(20)) -> Non
         table.add_row(str(r["seq"]), r["ts"][:19], r["actor"], r["action"], str(r["target"]),
                       (r["before_hash"] or "")[:12], (r["after_hash"] or "")[:12], json.dumps(r["details"])[:80])
     Console().print(table)
+
+
+@app.command("train-router")
+def train_router_cmd(
+    store: Path = typer.Option(..., help="Compartment store."),
+    sources: str | None = typer.Option(None, help="Comma-separated sources (default: all with a compartment)."),
+    kind: str = typer.Option("router", help="router (joint heads on the compartments' mid tokens, the paper's) | "
+                                            "classifier (a separate noisy classifier) | isolated (one head per "
+                                            "source, trained on it and public data only)"),
+    steps: int = typer.Option(500, help="Optimiser steps (per head for --kind isolated)."),
+    batch_size: int = typer.Option(64),
+    lr: float = typer.Option(3e-3),
+    seed: int = typer.Option(0),
+    backbone: Path = typer.Option(DEFAULT_BACKBONE),
+    threads: int | None = typer.Option(None),
+) -> None:
+    """Train learned composition weights for `cdm sample --weighting router|classifier|isolated`."""
+    from ..backbone import Backbone
+    from ..composition.heads import HeadConfig
+    from ..operations import train_isolated_op, train_router_op
+
+    _threads(threads)
+    if kind not in ("router", "classifier", "isolated"):
+        raise CdmError(f"--kind must be router, classifier or isolated, got {kind!r}")
+    cfg = HeadConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+    bb = Backbone.from_pretrained(backbone)
+    names = [s for s in sources.split(",") if s] if sources else None
+    with _open_store(store) as st:
+        if kind == "isolated":
+            for name in names or [r["cid"] for r in st.compartments(kind="compartment")]:
+                out = train_isolated_op(st, bb, name, cfg=cfg)
+                rec = out["record"]
+                console.print(f"isolated head '{out['row']['cid']}': {rec['steps']} steps, "
+                              f"{rec['wall_seconds']:.1f} s, loss {rec['final_loss']:.4f}, "
+                              f"held-out accuracy {rec['accuracy']:.3f} (vs core)")
+            return
+        out = train_router_op(st, bb, names, kind=kind, cfg=cfg)
+    rec = out["record"]
+    console.print(f"{kind} '{out['row']['cid']}' on {', '.join(out['row']['sources'])}: {rec['steps']} steps, "
+                  f"{rec['wall_seconds']:.1f} s, loss {rec['final_loss']:.4f}, held-out accuracy "
+                  f"{rec['accuracy']:.3f} (chance {rec['chance']:.3f}); by t: {rec['accuracy_by_t']}")
 
 
 def main() -> None:

@@ -2,7 +2,11 @@
 
 from .bank import CompartmentBank
 from .composed import CallableBank, ComposedDenoiser
+from .heads import (AttentionPoolHead, ClassifierWeighting, HeadBank, HeadConfig, IsolatedWeighting, NoisyClassifier,
+                    RouterWeighting, fit_density_ratio, train_isolated_head, train_noisy_classifier, train_router)
 from .weighting import WEIGHTINGS, ItoWeighting, NaiveWeighting, OracleWeighting, SingleWeighting, Weighting
 
-__all__ = ["WEIGHTINGS", "CallableBank", "CompartmentBank", "ComposedDenoiser", "ItoWeighting", "NaiveWeighting", "OracleWeighting",
-           "SingleWeighting", "Weighting"]
+__all__ = ["WEIGHTINGS", "AttentionPoolHead", "ClassifierWeighting", "HeadBank", "HeadConfig", "IsolatedWeighting",
+           "NoisyClassifier", "RouterWeighting", "fit_density_ratio", "train_isolated_head", "train_noisy_classifier",
+           "train_router", "CallableBank", "CompartmentBank", "ComposedDenoiser", "ItoWeighting", "NaiveWeighting",
+           "OracleWeighting", "SingleWeighting", "Weighting"]

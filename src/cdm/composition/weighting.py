@@ -12,8 +12,11 @@ Registered here (``WEIGHTINGS``):
 - ``oracle``: exact ``log p_t^i`` from callables (analytic cases, tests).
 - ``ito``: training-free density tracking along the sampling path (Skreta et al. 2024), below.
 
-Learned weightings (router, noisy classifier, isolated density-ratio heads) plug in through the same
-interface.
+Learned weightings (:mod:`cdm.composition.heads`), registered here too:
+
+- ``router``: the paper's joint router heads on the mid-block tokens of each compartment's forward.
+- ``classifier``: a separate noisy classifier ``f(x_t, t)`` over the sources (Prop. 3.2).
+- ``isolated``: per-compartment density-ratio heads, each trained on its own source against public data.
 
 The Ito density estimator. Let ``q_t`` be the forward marginal of one source under the VP SDE
 ``dx = f dt + g dW`` with ``f = -beta x / 2``, ``g^2 = beta``. Fokker-Planck gives
@@ -141,5 +144,8 @@ class ItoWeighting:
         return self.log_q
 
 
+from .heads import ClassifierWeighting, IsolatedWeighting, RouterWeighting  # noqa: E402 (learned; import this module)
+
 WEIGHTINGS: dict[str, type] = {"naive": NaiveWeighting, "single": SingleWeighting, "oracle": OracleWeighting,
-                               "ito": ItoWeighting}
+                               "ito": ItoWeighting, "router": RouterWeighting, "classifier": ClassifierWeighting,
+                               "isolated": IsolatedWeighting}
