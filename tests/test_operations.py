@@ -149,3 +149,15 @@ def test_cli_composes_sources(tmp_path, backbone, parts):
         assert np.allclose(f["weights"].sum(-1), 1)
     res = run(app, [*args, "--per-class", "1", "--classes", "2,3", "--weighting", "naive", "--sparse", "0.01"])
     assert res.exit_code == 0, res.output
+
+
+def test_interrupted_add_resumes_to_the_same_compartment(tmp_path, backbone, parts):
+    with Store.create(tmp_path / "a") as st:
+        add_source(st, backbone, parts[0], name="s0", cfg=CFG, progress=False)
+        whole = _weights(st, "s0")
+    with Store.create(tmp_path / "b") as st:
+        paused = add_source(st, backbone, parts[0], name="s0", cfg=CFG, max_minutes=0.0, progress=False)
+        assert not paused["finished"] and st.compartments() == []  # nothing half-trained is registered
+        done = add_source(st, backbone, parts[0], name="s0", cfg=CFG, progress=False)
+        assert done["finished"] and _weights(st, "s0") == whole
+        assert not (st.path / "work" / "s0").exists()  # training state cleared once stored

@@ -116,8 +116,12 @@ def _refuse_pickle(path: Path) -> None:
         raise WeightsError(f"{path}: refusing a pickle-based checkpoint ({path.suffix}); cdm loads safetensors only "
                            "(convert it once, in a trusted environment, with safetensors.torch.save_file)")
     with open(path, "rb") as f:
-        head = f.read(4)
-    if head.startswith(_PICKLE_MAGIC):
+        head = f.read(9)
+    size = path.stat().st_size
+    # A safetensors file starts with the little-endian u64 length of a JSON header that opens with "{"; only a
+    # file that is not one of those is checked for pickle / zip magic bytes (a header length can start with them).
+    looks_safetensors = len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= size - 8
+    if not looks_safetensors and head.startswith(_PICKLE_MAGIC):
         raise WeightsError(f"{path}: this file is a pickle / torch.save archive, not safetensors; refusing to load it")
 
 
