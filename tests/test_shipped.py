@@ -46,3 +46,17 @@ def test_bf16_sampling_stays_close(backbone, classifier):
 
 def test_shipped_backbone_hash_is_recorded(backbone):
     assert len(backbone.hash) == 64 and backbone.record["finished"]
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    import json
+
+    from cdm.demo import run_demo
+
+    res = run_demo(tmp_path, backbone=WEIGHTS / "backbone", classifier=WEIGHTS / "classifier", per_class=1, steps=2,
+                   progress=False, log=lambda *a: None)
+    for name in ("report.md", "backbone.png", "composed.png", "weights.png", "results.json",
+                 "compartment-digits-0-4.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert res["forget"]["remaining_sources"] == ["digits-0-4"] and res["forget"]["store_problems"] == []
+    assert json.loads((tmp_path / "results.json").read_text())["backbone"]["n"] == 10
