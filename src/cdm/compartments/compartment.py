@@ -10,8 +10,9 @@ Layout of the table (a :class:`PromptTable`, rows of ``n_blocks * P * D`` number
   classifier-free guidance and unconditional composition use.
 - unconditional: a single row.
 
-The backbone itself is always called with its null class: the class information, like everything else about
-the source, comes from the prompts.
+The backbone gets the sample's class token (the null class for unconditional rows): a compartment starts from
+the public backbone's class-conditional prediction, and everything it learns about its source lives in the
+prompts.
 """
 
 from __future__ import annotations
@@ -115,11 +116,21 @@ class Compartment(nn.Module):
         y = y.expand(batch) if y.ndim == 0 else y
         return torch.where(y == self.null_class, torch.full_like(y, uncond), y).long()
 
+    def backbone_labels(self, y: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+        """The label token the backbone gets: the sample's class for a class-conditional compartment (so the
+        compartment starts from the backbone's own class-conditional prediction and its prompts refine it),
+        the null class otherwise."""
+        null = self.null_class
+        if null is None:
+            return None
+        if not self.config.conditional or y is None:
+            return torch.full((batch,), null, dtype=torch.long)
+        return (y.expand(batch) if y.ndim == 0 else y).long()
+
     def eps(self, backbone: Backbone, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         prompts = self.prompts(self.row(y, x.shape[0]).to(x.device))
-        null = None if backbone.config.null_class is None else torch.full((x.shape[0],), backbone.config.null_class,
-                                                                          dtype=torch.long, device=x.device)
-        return backbone.net(x, t, y=null, prompts=prompts)
+        labels = self.backbone_labels(y, x.shape[0])
+        return backbone.net(x, t, y=None if labels is None else labels.to(x.device), prompts=prompts)
 
     def denoiser(self, backbone: Backbone):
         """A plain denoiser callable ``eps(x, t, y=None)`` for the solvers."""

@@ -38,7 +38,6 @@ class CompartmentBank:
         first = self.compartments[0]
         rows = first.row(y, x.shape[0])  # same row layout for every compartment
         prompts = self.tables[index, rows].view(x.shape[0], *self.prompt_shape).to(x.device)
-        c = self.backbone.config
-        null = None if c.null_class is None else torch.full((x.shape[0],), c.null_class, dtype=torch.long,
-                                                             device=x.device)
-        return self.backbone.net(x, t, y=null, prompts=prompts, return_mid=return_mid)
+        labels = first.backbone_labels(y, x.shape[0])
+        return self.backbone.net(x, t, y=None if labels is None else labels.to(x.device), prompts=prompts,
+                                 return_mid=return_mid)

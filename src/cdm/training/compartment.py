@@ -81,7 +81,6 @@ def _train_compartment(
     data = canonical_order(source)
     x_all = backbone.codec.encode(data.images)
     y_all = torch.tensor(data.labels if data.labels is not None else np.zeros(len(data)), dtype=torch.long)
-    uncond = comp.num_classes
     comp.init_prompts(step_generator(_TAG + "/init", cfg.seed, 0))
     opt = torch.optim.Adam(comp.parameters(), lr=cfg.lr)
     step, wall, losses = 0, 0.0, []
@@ -108,7 +107,7 @@ def _train_compartment(
                 on_batch(data.images[idx.numpy()])
             x0, rows = x_all[idx], y_all[idx].clone()
             if cfg.conditional:
-                rows[torch.rand(cfg.batch_size, generator=g) < cfg.label_dropout] = uncond
+                rows[torch.rand(cfg.batch_size, generator=g) < cfg.label_dropout] = comp.null_class
             else:
                 rows.zero_()
             t, noise = draw_noise(x0, backbone.schedule, g)
