@@ -32,11 +32,11 @@ __all__ = ["Compartment", "CompartmentConfig", "PromptTable"]
 
 @dataclass(frozen=True)
 class CompartmentConfig:
-    n_prompts: int = 8  # P per block; P = 4 / 8 / 16 gave held-out loss 0.1090 / 0.1088 / 0.1085 (300 steps)
+    n_prompts: int = 8  # P per block; 4 / 8 / 16 were within 0.5% in held-out loss (early backbone, 300 steps)
     conditional: bool = True  # one prompt set per class (+ unconditional row); False: one set for the source
     steps: int = 2000  # optimiser steps
     batch_size: int = 64
-    lr: float = 0.1  # Adam; 0.01 / 0.1 / 0.3 were within 0.3% in held-out loss after 300 steps here
+    lr: float = 0.1  # Adam; after 300 steps on 450 digits: held-out loss 0.07991 (lr 0.1) vs 0.08015 (0.01)
     lr_schedule: str = "cosine"  # "constant" or "cosine" (to 10% of lr) after warm-up
     warmup: int = 50  # linear warm-up steps
     label_dropout: float = 0.1  # share of samples trained on the unconditional row (conditional only)
