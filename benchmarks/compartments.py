@@ -52,7 +52,7 @@ def parts(held_out: float = 0.1):
 
 
 def cfg_for(args, steps: int) -> CompartmentConfig:
-    return CompartmentConfig(steps=steps, n_prompts=args.prompts, seed=0)
+    return CompartmentConfig(steps=steps, n_prompts=args.prompts, lr=args.lr, seed=0)
 
 
 def run_compartments(args, bb: Backbone) -> dict:
@@ -139,6 +139,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/compartments"))
     ap.add_argument("--steps", type=int, default=500, help="steps per compartment (the paragon gets 8x)")
     ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--backbone", type=Path, default=Path(__file__).resolve().parents[1] / "weights" / "backbone")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
@@ -154,7 +155,7 @@ def main() -> None:
     res = {"compartments": run_compartments, "paragon": run_paragon, "forget": run_forget}[args.part](args, bb)
     res[f"meta_{args.part}"] = {"command": "python " + shlex.join(sys.argv), "commit": git_commit(),
                                 "machine": machine_info(), "wall_seconds": round(time.perf_counter() - t0, 1),
-                                "steps": args.steps, "prompts": args.prompts, "date": time.strftime("%Y-%m-%d")}
+                                "steps": args.steps, "prompts": args.prompts, "lr": args.lr, "date": time.strftime("%Y-%m-%d")}
     atomic_write_json(args.out / f"{args.part}.json", res)
     print(json.dumps(res, indent=2))
 
