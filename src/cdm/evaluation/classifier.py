@@ -80,7 +80,7 @@ def check_images(images: Any, what: str = "images") -> np.ndarray:
 def to_input(images: Any) -> torch.Tensor:
     """uint8 images ``(N, 28, 28)`` (or ``(N, 1, 28, 28)``) -> float32 tensor ``(N, 1, 28, 28)`` in ``[-1, 1]``."""
     images = check_images(images)
-    return torch.from_numpy(np.ascontiguousarray(images)).to(torch.float32).unsqueeze(1) / 127.5 - 1.0
+    return torch.tensor(np.asarray(images)).to(torch.float32).unsqueeze(1) / 127.5 - 1.0
 
 
 def _down_up_tensor(x: torch.Tensor) -> torch.Tensor:
@@ -91,7 +91,7 @@ def _down_up_tensor(x: torch.Tensor) -> torch.Tensor:
 
 def down_up(images: Any) -> np.ndarray:
     """The "down-up" version of uint8 images: what a 14x14 generator upsampled to 28x28 looks like (uint8 out)."""
-    x = torch.from_numpy(np.ascontiguousarray(check_images(images))).to(torch.float32).unsqueeze(1)
+    x = torch.tensor(np.asarray(check_images(images))).to(torch.float32).unsqueeze(1)
     y = _down_up_tensor(x).round().clamp_(0, 255).to(torch.uint8)
     return y[:, 0].numpy()
 

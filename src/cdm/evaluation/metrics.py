@@ -105,7 +105,7 @@ class FeatureExtractor(nn.Module):
 
 
 def _as_uint8_tensor(images: Any, what: str) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(check_images(images, what))).unsqueeze(1)
+    return torch.tensor(np.asarray(check_images(images, what))).unsqueeze(1)
 
 
 class FIDScorer:
