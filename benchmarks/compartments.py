@@ -43,7 +43,7 @@ def parts(held_out: float = 0.1):
     """(train, held-out) for each of the K stratified sources; the held-out 10% is chosen by content hash."""
     _, protected = public_protected()
     out = []
-    for j, src in enumerate(split_stratified(protected, K)):
+    for src in split_stratified(protected, K):
         order = np.argsort(np.asarray(src.sample_hashes))
         n_held = int(round(held_out * len(src)))
         held, train = np.sort(order[:n_held]), np.sort(order[n_held:])

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from cdm.backbone import Backbone, UViT, UViTConfig
 from cdm.cli.main import app
 from cdm.compartments import CompartmentConfig
-from cdm.data import Source, public_protected, split_stratified
+from cdm.data import public_protected, split_stratified
 from cdm.errors import DataError, WeightsError
 from cdm.io import state_dict_sha256
 from cdm.operations import (add_source, forget_samples, forget_source, load_compartment, source_data,

@@ -392,7 +392,7 @@ def main() -> None:
         app()
     except (CdmError, ValueError) as e:  # bad input: one line, no traceback
         console.print(f"[red]error:[/red] {e}")
-        raise SystemExit(2)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
