@@ -28,12 +28,12 @@ import torch
 
 from cdm.backbone import Backbone
 from cdm.compartments import CompartmentConfig
-from cdm.data import public_protected, split_stratified
+from cdm.data import concat_sources, public_protected, split_stratified
 from cdm.io import atomic_write_json
 from cdm.operations import add_source, forget_samples, forget_source, load_compartment
 from cdm.store import Store
 from cdm.training import git_commit, machine_info
-from cdm.training.compartment import concat_sources, train_compartment
+from cdm.training.compartment import train_compartment
 from cdm.training.loss import held_out_loss
 
 K = 8

@@ -17,10 +17,10 @@ import torch
 
 from .backbone import Backbone
 from .compartments import Compartment, CompartmentConfig
-from .data import Source, load_npz
+from .data import Source, concat_sources, load_npz
 from .errors import CdmError
 from .store import Store, StoreError
-from .training.compartment import concat_sources, train_compartment
+from .training.compartment import train_compartment
 
 __all__ = ["add_source", "compose", "train_paragon", "forget_source", "forget_samples", "load_compartment", "source_data",
            "PARAGON", "LEARNED_WEIGHTINGS", "ROUTER_CIDS", "ISOLATED_KIND", "head_cid", "load_weighting",

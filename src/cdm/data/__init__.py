@@ -8,7 +8,7 @@ from .files import load_folder, load_npz
 from .glyphs import CHARSETS, FONT_NAMES, available_fonts, glyphs
 from .mnist import MNIST_CLASSES, PUBLIC_PER_CLASS, mnist, public_protected
 from .resolve import SPEC_HELP, load_source
-from .source import IMAGE_SIZE, Source
+from .source import IMAGE_SIZE, Source, concat_sources
 from .splits import split_by_classes, split_stratified
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "SPEC_HELP",
     "Source",
     "available_fonts",
+    "concat_sources",
     "glyphs",
     "load_folder",
     "load_npz",

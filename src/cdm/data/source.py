@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import DataError
 
-__all__ = ["IMAGE_SIZE", "MIN_ID_PREFIX", "Source"]
+__all__ = ["IMAGE_SIZE", "MIN_ID_PREFIX", "Source", "concat_sources"]
 
 IMAGE_SIZE = 28
 MIN_ID_PREFIX = 12  # shortest sample-hash prefix accepted as a sample id
@@ -211,3 +211,14 @@ class Source:
         else:  # plain uint8 / int64 / str arrays: nothing is pickled
             np.savez_compressed(buf, images=self.images, labels=self.labels, classes=np.array(self.classes, dtype=str))
         atomic_write_bytes(path, buf.getvalue())
+
+
+def concat_sources(sources: list[Source], id: str) -> Source:
+    """The union of several sources (the paragon's data, the backbone's public set plus glyphs)."""
+    if not sources:
+        raise DataError("no sources to concatenate")
+    classes = sources[0].classes
+    if any(s.classes != classes or s.labelled != sources[0].labelled for s in sources):
+        raise DataError("sources to concatenate must share their class names and all be labelled or not")
+    labels = np.concatenate([s.labels for s in sources]) if sources[0].labelled else None
+    return Source(id=id, images=np.concatenate([s.images for s in sources]), labels=labels, classes=classes)

@@ -25,7 +25,7 @@ from .common import deterministic_algorithms, lr_at, progress_bar, step_generato
 from .loss import draw_noise, eps_loss
 from .pretrain import git_commit, machine_info
 
-__all__ = ["canonical_order", "concat_sources", "train_compartment", "check_source_fits"]
+__all__ = ["canonical_order", "train_compartment", "check_source_fits"]
 
 _TAG = "cdm-compartment"
 
@@ -35,17 +35,6 @@ def canonical_order(source: Source) -> Source:
     labels = source.labels if source.labels is not None else np.zeros(len(source), dtype=np.int64)
     order = sorted(range(len(source)), key=lambda i: (source.sample_hashes[i], int(labels[i])))
     return source.subset(np.asarray(order, dtype=np.int64), id=source.id)
-
-
-def concat_sources(sources: list[Source], id: str) -> Source:
-    """The union of several sources (the paragon's data)."""
-    if not sources:
-        raise DataError("no sources to concatenate")
-    classes = sources[0].classes
-    if any(s.classes != classes or s.labelled != sources[0].labelled for s in sources):
-        raise DataError("sources to concatenate must share their class names and all be labelled or not")
-    labels = np.concatenate([s.labels for s in sources]) if sources[0].labelled else None
-    return Source(id=id, images=np.concatenate([s.images for s in sources]), labels=labels, classes=classes)
 
 
 def check_source_fits(source: Source, compartment: Compartment) -> None:

@@ -28,7 +28,7 @@ import torch
 from ..backbone import Backbone, PixelCodec, UViT, UViTConfig
 from ..data.glyphs import glyphs
 from ..data.mnist import public_protected
-from ..data.source import Source
+from ..data.source import Source, concat_sources
 from ..errors import TrainingError
 from ..sampling import NoiseSchedule
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -81,8 +81,7 @@ def public_training_set(cfg: PretrainConfig) -> Source:
     if not cfg.glyphs:
         return public
     g = glyphs(cfg.glyphs, seed=cfg.seed, charset="digits")
-    return Source(id=f"{public.id}+{g.id}", images=np.concatenate([public.images, g.images]),
-                  labels=np.concatenate([public.labels, g.labels]), classes=public.classes)
+    return concat_sources([public, g], id=f"{public.id}+{g.id}")
 
 
 def git_commit() -> str:
