@@ -52,7 +52,8 @@ def parts(held_out: float = 0.1):
 
 
 def cfg_for(args, steps: int) -> CompartmentConfig:
-    return CompartmentConfig(steps=steps, n_prompts=args.prompts, lr=args.lr, seed=0)
+    return CompartmentConfig(steps=steps, n_prompts=args.prompts, seed=0,
+                             **({} if args.lr is None else {"lr": args.lr}))
 
 
 def run_compartments(args, bb: Backbone) -> dict:
@@ -65,12 +66,13 @@ def run_compartments(args, bb: Backbone) -> dict:
             seconds = time.perf_counter() - t0
             comp = load_compartment(st, bb, name)
             x, y = bb.codec.encode(held.images), torch.tensor(held.labels)
-            loss_c = held_out_loss(comp.denoiser(bb), x, bb.schedule, y=y, draws=8, seed=j)
-            loss_b = held_out_loss(bb.eps, x, bb.schedule, y=y, draws=8, seed=j)
+            loss_c = held_out_loss(comp.denoiser(bb), x, bb.schedule, y=y, draws=args.draws, seed=j)
+            loss_b = held_out_loss(bb.eps, x, bb.schedule, y=y, draws=args.draws, seed=j)
             size = (st.path / "compartments" / name / "prompts.safetensors").stat().st_size
             rows.append({"source": name, "n_train": len(train), "n_held_out": len(held), "seconds": round(seconds, 1),
                          "train_seconds": res["record"]["wall_seconds"], "bytes": size,
-                         "held_out_loss": round(loss_c, 5), "backbone_held_out_loss": round(loss_b, 5),
+                         "held_out_loss": round(loss_c, 6), "backbone_held_out_loss": round(loss_b, 6),
+                         "validation": res["record"]["validation"],
                          "weights_sha256": res["row"]["weights_sha256"]})
             print(json.dumps(rows[-1]), flush=True)
     return {"compartments": rows}
@@ -85,8 +87,9 @@ def run_paragon(args, bb: Backbone) -> dict:
     held = concat_sources([p[1] for p in ps], id="held-out")
     x, y = bb.codec.encode(held.images), torch.tensor(held.labels)
     return {"paragon": {"n_train": len(union), "steps": K * args.steps, "seconds": round(seconds, 1),
-                        "held_out_loss": round(held_out_loss(comp.denoiser(bb), x, bb.schedule, y=y, draws=8), 5),
-                        "backbone_held_out_loss": round(held_out_loss(bb.eps, x, bb.schedule, y=y, draws=8), 5)}}
+                        "held_out_loss": round(held_out_loss(comp.denoiser(bb), x, bb.schedule, y=y, draws=args.draws), 6),
+                        "backbone_held_out_loss": round(held_out_loss(bb.eps, x, bb.schedule, y=y, draws=args.draws), 6),
+                        "validation": rec["validation"]}}
 
 
 def run_forget(args, bb: Backbone) -> dict:
@@ -139,7 +142,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/compartments"))
     ap.add_argument("--steps", type=int, default=500, help="steps per compartment (the paragon gets 8x)")
     ap.add_argument("--prompts", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=0.1)
+    ap.add_argument("--lr", type=float, default=None, help="default: CompartmentConfig's")
+    ap.add_argument("--draws", type=int, default=32, help="(t, noise) draws per held-out sample")
     ap.add_argument("--backbone", type=Path, default=Path(__file__).resolve().parents[1] / "weights" / "backbone")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
@@ -155,7 +159,7 @@ def main() -> None:
     res = {"compartments": run_compartments, "paragon": run_paragon, "forget": run_forget}[args.part](args, bb)
     res[f"meta_{args.part}"] = {"command": "python " + shlex.join(sys.argv), "commit": git_commit(),
                                 "machine": machine_info(), "wall_seconds": round(time.perf_counter() - t0, 1),
-                                "steps": args.steps, "prompts": args.prompts, "lr": args.lr, "date": time.strftime("%Y-%m-%d")}
+                                "steps": args.steps, "prompts": args.prompts, "lr": args.lr, "draws": args.draws, "date": time.strftime("%Y-%m-%d")}
     atomic_write_json(args.out / f"{args.part}.json", res)
     print(json.dumps(res, indent=2))
 

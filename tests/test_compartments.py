@@ -11,7 +11,7 @@ from cdm.errors import DataError, TrainingError, WeightsError
 from cdm.io import state_dict_sha256
 from cdm.training.compartment import train_compartment
 
-CFG = CompartmentConfig(steps=6, batch_size=8, n_prompts=2, checkpoint_every=3, warmup=2)
+CFG = CompartmentConfig(steps=6, batch_size=8, n_prompts=2, checkpoint_every=3, warmup=2, validate_every=2, lr=0.1)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def test_backbone_unchanged_and_only_prompts_saved(backbone, source):
     assert state_dict_sha256(backbone.net.state_dict()) == before == record["backbone_hash"]
     assert set(comp.tensors()) == {"prompts"}
     c = backbone.config
-    assert comp.tensors()["prompts"].shape == (10 + 1, c.n_blocks * 2 * c.embed_dim)
+    assert comp.tensors()["prompts"].shape == (10 + 1, c.n_blocks * (2 * c.embed_dim + c.num_heads))  # prompts + gates
     assert record["source"]["sample_hashes"] == sorted(source.sample_hashes)
 
 
@@ -111,3 +111,41 @@ def test_nan_loss_is_a_training_error(backbone, source, monkeypatch):
 def test_bad_config_is_refused(bad):
     with pytest.raises(ValueError):
         CompartmentConfig(**{**CFG.to_dict(), **bad})
+
+
+@pytest.mark.parametrize("conditional", [True, False])
+def test_gated_compartment_starts_exactly_at_the_backbone(backbone, conditional):
+    comp = Compartment.for_backbone(backbone, CompartmentConfig(n_prompts=3, conditional=conditional))
+    comp.init_prompts(torch.Generator().manual_seed(1))
+    x, t = torch.randn(4, 1, 14, 14), torch.tensor([0, 10, 500, 999])
+    y = torch.tensor([1, 2, 3, 10])
+    with torch.no_grad():
+        start = comp.eps(backbone, x, t, y if conditional else None)
+        plain = backbone.net(x, t, y=y if conditional else None)
+        assert torch.equal(start, plain)
+        comp.prompts.table.weight[:, comp.prompts.n_prompt_numbers:] = 0.3  # open the gates: prompts now act
+        assert (comp.eps(backbone, x, t, y if conditional else None) - plain).abs().max() > 1e-3
+    joint = Compartment.for_backbone(backbone, CompartmentConfig(n_prompts=3, gated=False))
+    assert joint.prompts.table.weight.shape[1] == backbone.config.n_blocks * 3 * backbone.config.embed_dim
+    assert CompartmentConfig.from_dict({**CompartmentConfig().to_dict(), "gated": True}).gated
+    legacy = {k: v for k, v in CompartmentConfig().to_dict().items() if k != "gated"}
+    assert CompartmentConfig.from_dict(legacy).gated is False  # compartments written before gates existed
+
+
+def test_validation_keeps_the_best_step_and_records_the_curve(backbone, source):
+    from cdm.training.compartment import canonical_order, split_validation
+    from cdm.training.loss import held_out_loss
+
+    comp, record = train_compartment(backbone, source, CFG, progress=False)
+    v = record["validation"]
+    assert v["n"] == 6 and [s for s, _ in v["curve"]] == [0, 2, 4, 6]
+    assert v["start_loss"] == v["curve"][0][1] and v["best_loss"] == min(x for _, x in v["curve"])
+    _, (images, labels) = split_validation(canonical_order(source), CFG.validation)
+    again = held_out_loss(comp.denoiser(backbone), backbone.codec.encode(images), backbone.schedule, y=labels,
+                          draws=8, seed=CFG.seed)
+    assert again == pytest.approx(v["best_loss"], abs=1e-6)  # the kept prompts are the best step's
+    train_part, _ = split_validation(canonical_order(source), CFG.validation)
+    assert len(train_part) == len(source) - 6
+    _, none = train_compartment(backbone, source, CompartmentConfig(**{**CFG.to_dict(), "validation": 0.0}),
+                                progress=False)
+    assert none["validation"] is None

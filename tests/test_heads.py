@@ -28,7 +28,7 @@ from cdm.store import Store
 
 torch.set_num_threads(1)
 
-CFG = CompartmentConfig(steps=4, batch_size=8, n_prompts=2, checkpoint_every=4, warmup=1)
+CFG = CompartmentConfig(steps=4, batch_size=8, n_prompts=2, checkpoint_every=4, warmup=1, validation=0.0)
 FAST = dict(steps=40, batch_size=32, eval_size=128)
 
 

@@ -17,7 +17,7 @@ from cdm.operations import (add_source, forget_samples, forget_source, load_comp
 from cdm.store import Store, StoreError
 from cdm.training.compartment import train_compartment
 
-CFG = CompartmentConfig(steps=4, batch_size=8, n_prompts=2, checkpoint_every=2, warmup=1)
+CFG = CompartmentConfig(steps=4, batch_size=8, n_prompts=2, checkpoint_every=2, warmup=1, validation=0.0)
 
 
 @pytest.fixture(scope="module")

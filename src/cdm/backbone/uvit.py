@@ -11,6 +11,12 @@ Prompts: a tensor ``(B or 1, n_blocks, P, D)`` with ``n_blocks = depth // 2 + 1 
 block, out-blocks in order). Block ``k`` sees ``cat(prompts[:, k], tokens)``; its prompt outputs are thrown
 away, so prompts steer the image tokens through attention only. In out-blocks the prompt is prepended after
 ``skip_linear`` (prompts have no skip partner). ``prompts=None`` is the plain U-ViT.
+
+Gated prompts (``prompt_gate``, ``(B or 1, n_blocks, H)``): instead of joining the softmax, the image tokens
+attend to the prompts in a separate softmax whose output is added, scaled per head by the gate (the zero-init
+gated attention of LLaMA-Adapter, Zhang et al., 2023). With the gate at zero the network is exactly the plain
+U-ViT, so a compartment starts from the backbone instead of from a random perturbation of it; the prompt
+tokens skip the MLP (their outputs are thrown away in both forms).
 """
 
 from __future__ import annotations
@@ -108,11 +114,20 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, H, N, Dh); scale Dh^-1/2 as reference
-        return self.proj(x.transpose(1, 2).reshape(b, n, d))
+        return self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, gate: torch.Tensor | None = None) -> torch.Tensor:
+        """Self-attention over ``x``. With ``context`` (B, P, D) and ``gate`` (B, H): plus a separate attention
+        from ``x`` to the context tokens, scaled per head by ``gate`` (zero gate: exactly plain attention)."""
+        b, n, d = x.shape
+        q, k, v = self._heads(x)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, Dh); scale Dh^-1/2 as reference
+        if context is not None:
+            _, kc, vc = self._heads(context)
+            out = out + gate[:, :, None, None].to(out.dtype) * F.scaled_dot_product_attention(q, kc, vc)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
 class Mlp(nn.Module):
@@ -139,9 +154,14 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.skip_linear = nn.Linear(2 * dim, dim) if skip else None
 
-    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None, prompt: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None, prompt: torch.Tensor | None = None,
+                gate: torch.Tensor | None = None) -> torch.Tensor:
         if self.skip_linear is not None:
             x = self.skip_linear(torch.cat([x, skip], dim=-1))
+        if prompt is not None and gate is not None:  # gated prompts: image tokens read them through a gated branch
+            context = self.norm1(prompt.to(x.dtype).expand(x.shape[0], -1, -1))
+            x = x + self.attn(self.norm1(x), context, gate.expand(x.shape[0], -1))
+            return x + self.mlp(self.norm2(x))
         if prompt is not None:
             x = torch.cat([prompt.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)
         x = x + self.attn(self.norm1(x))
@@ -230,6 +250,7 @@ class UViT(nn.Module):
         y: torch.Tensor | None = None,
         prompts: torch.Tensor | None = None,
         return_mid: bool = False,
+        prompt_gate: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Predict eps. With ``return_mid`` also return the tokens after the mid block (B, extras + patches, D),
         prompts dropped: what the CDM router heads read."""
@@ -241,6 +262,9 @@ class UViT(nn.Module):
         if prompts is not None and (prompts.ndim != 4 or prompts.shape[1] != c.n_blocks or prompts.shape[3] != c.embed_dim
                                     or prompts.shape[0] not in (1, x.shape[0])):
             raise ValueError(f"prompts must be (B or 1, {c.n_blocks}, P, {c.embed_dim}), got {tuple(prompts.shape)}")
+        if prompt_gate is not None and (prompts is None or prompt_gate.shape[1:] != (c.n_blocks, c.num_heads)
+                                        or prompt_gate.shape[0] not in (1, x.shape[0])):
+            raise ValueError(f"prompt_gate must be (B or 1, {c.n_blocks}, {c.num_heads}) and come with prompts")
         if c.num_classes > 0 and y is None:
             if c.null_class is None:
                 raise ValueError("this U-ViT is class-conditional and has no null class: pass y")
@@ -254,15 +278,21 @@ class UViT(nn.Module):
             h = torch.cat([self.label_emb(y.expand(x.shape[0])).unsqueeze(1), h], dim=1)
         h = h + self.pos_embed
         k = iter(range(c.n_blocks))
-        p = (lambda: prompts[:, next(k)]) if prompts is not None else (lambda: None)
+
+        def p() -> dict:
+            if prompts is None:
+                return {}
+            i = next(k)
+            return {"prompt": prompts[:, i], "gate": None if prompt_gate is None else prompt_gate[:, i]}
+
         skips = []
         for blk in self.in_blocks:
-            h = blk(h, prompt=p())
+            h = blk(h, **p())
             skips.append(h)
-        h = self.mid_block(h, prompt=p())
+        h = self.mid_block(h, **p())
         mid = h
         for blk in self.out_blocks:
-            h = blk(h, skips.pop(), prompt=p())
+            h = blk(h, skips.pop(), **p())
         h = self.decoder_pred(self.norm(h))[:, c.extras:]
         eps = self.final_layer(unpatchify(h, c.in_chans))
         return (eps, mid) if return_mid else eps

@@ -192,6 +192,26 @@ def demo(
     console.print(f"report -> {out / 'report.md'}")
 
 
+@app.command()
+def bench(
+    profile: str = typer.Option("quick", help="toy (seconds, CI), quick (under 25 min on 2 cores) or full."),
+    out: Path = typer.Option(Path("out/bench"), help="Results directory (resumable: rerun to continue)."),
+    parts: str = typer.Option("all", help="Comma-separated parts, or all: " + "paragon,table1,two_domain,cost,"
+                              "continual,forget,memorization."),
+    backbone: Path = typer.Option(DEFAULT_BACKBONE),
+    classifier: Path = typer.Option(DEFAULT_CLASSIFIER),
+    threads: int | None = typer.Option(None, help="Torch CPU threads (default: all cores)."),
+) -> None:
+    """The seed paper's evaluation on the embedded data: results.json, report.md, plots, sample sets."""
+    from ..benchmark import PARTS, run_bench
+
+    _threads(threads)
+    chosen = PARTS if parts == "all" else tuple(p.strip() for p in parts.split(",") if p.strip())
+    res = run_bench(profile, out, backbone=backbone, classifier=classifier, parts=chosen, progress=False,
+                    meta={"command": _command()})
+    console.print(f"{res['meta']['wall_seconds']:.0f} s of parts; report -> {out / 'report.md'}")
+
+
 def _open_store(path: Path, create: bool = False):
     from ..store import Store
 

@@ -20,13 +20,13 @@ class CompartmentBank:
     def __init__(self, backbone: Backbone, compartments: Sequence[Compartment]):
         if not compartments:
             raise ValueError("no compartments to compose")
-        shapes = {(c.prompts.table.weight.shape, c.prompts.shape, c.config.conditional) for c in compartments}
+        shapes = {(c.prompts.table.weight.shape, c.prompts.shape, c.prompts.gate_shape, c.config.conditional)
+                  for c in compartments}
         if len(shapes) != 1:
             raise ValueError("compartments to compose in one batch must share prompt count and conditioning")
         self.backbone = backbone
         self.compartments = list(compartments)
         self.tables = torch.stack([c.prompts.table.weight.detach() for c in compartments])  # (n, rows, flat)
-        self.prompt_shape = compartments[0].prompts.shape
 
     def __len__(self) -> int:
         return len(self.compartments)
@@ -37,7 +37,7 @@ class CompartmentBank:
         the mid block (rows, L, D), for router heads."""
         first = self.compartments[0]
         rows = first.row(y, x.shape[0])  # same row layout for every compartment
-        prompts = self.tables[index, rows].view(x.shape[0], *self.prompt_shape).to(x.device)
+        prompt_kw = first.prompts.split(self.tables[index, rows].to(x.device))
         labels = first.backbone_labels(y, x.shape[0])
-        return self.backbone.net(x, t, y=None if labels is None else labels.to(x.device), prompts=prompts,
-                                 return_mid=return_mid)
+        return self.backbone.net(x, t, y=None if labels is None else labels.to(x.device), return_mid=return_mid,
+                                 **prompt_kw)

@@ -22,7 +22,7 @@ from ..data import Source
 from ..errors import DataError, TrainingError
 from .checkpoint import load_checkpoint, save_checkpoint
 from .common import deterministic_algorithms, lr_at, progress_bar, step_generator
-from .loss import draw_noise, eps_loss
+from .loss import draw_noise, eps_loss, held_out_loss
 from .pretrain import git_commit, machine_info
 
 __all__ = ["canonical_order", "train_compartment", "check_source_fits"]
@@ -35,6 +35,19 @@ def canonical_order(source: Source) -> Source:
     labels = source.labels if source.labels is not None else np.zeros(len(source), dtype=np.int64)
     order = sorted(range(len(source)), key=lambda i: (source.sample_hashes[i], int(labels[i])))
     return source.subset(np.asarray(order, dtype=np.int64), id=source.id)
+
+
+def split_validation(data: Source, share: float) -> tuple[Source, tuple[torch.Tensor, torch.Tensor | None] | None]:
+    """(training part, validation set or None): the ``share`` of samples with the smallest hashes, at least one
+    and never all; none when ``share`` is 0 or the source has fewer than 10 samples. Depends on content only."""
+    n_val = int(round(share * len(data)))
+    if share <= 0 or len(data) < 10 or n_val < 1:
+        return data, None
+    order = np.argsort(np.asarray(data.sample_hashes), kind="stable")
+    val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
+    val = data.subset(val_idx, id=f"{data.id}/validation")
+    return data.subset(train_idx, id=data.id), (
+        val.images, None if val.labels is None else torch.tensor(val.labels, dtype=torch.long))
 
 
 def check_source_fits(source: Source, compartment: Compartment) -> None:
@@ -67,23 +80,40 @@ def _train_compartment(
     backbone.freeze()
     comp = Compartment.for_backbone(backbone, cfg)
     check_source_fits(source, comp)
-    data = canonical_order(source)
+    data, val = split_validation(canonical_order(source), cfg.validation)
+    if val is not None:
+        val = (backbone.codec.encode(val[0]), val[1] if cfg.conditional else None)
     x_all = backbone.codec.encode(data.images)
     y_all = torch.tensor(data.labels if data.labels is not None else np.zeros(len(data)), dtype=torch.long)
     comp.init_prompts(step_generator(_TAG + "/init", cfg.seed, 0))
     opt = torch.optim.Adam(comp.parameters(), lr=cfg.lr)
-    step, wall, losses = 0, 0.0, []
+    best = Compartment.for_backbone(backbone, cfg)  # the prompts of the best validated step so far
+    best.load_state_dict(comp.state_dict())
+    step, wall, losses, curve = 0, 0.0, [], []
     ckpt = Path(work_dir) / "checkpoint.safetensors" if work_dir is not None else None
     if ckpt is not None and ckpt.exists():
-        header = load_checkpoint(ckpt, comp, None, opt)
+        header = load_checkpoint(ckpt, comp, best, opt)
         if header.get("config") != cfg.to_dict() or header.get("content_hash") != source.content_hash \
                 or header.get("backbone_hash") != backbone.hash:
             raise TrainingError(f"{ckpt}: belongs to another source, config or backbone; clear it to start over")
-        step, wall, losses = header["step"], header["wall_seconds"], header["recent_losses"]
+        step, wall, losses, curve = header["step"], header["wall_seconds"], header["recent_losses"], header["curve"]
 
     def header(wall_now: float) -> dict:
         return {"config": cfg.to_dict(), "content_hash": source.content_hash, "backbone_hash": backbone.hash,
-                "step": step, "wall_seconds": round(wall_now, 2), "recent_losses": losses[-100:]}
+                "step": step, "wall_seconds": round(wall_now, 2), "recent_losses": losses[-100:], "curve": curve}
+
+    def validate() -> None:
+        if val is None:
+            return
+        comp.eval()
+        loss = held_out_loss(comp.denoiser(backbone), val[0], backbone.schedule, y=val[1], draws=8, seed=cfg.seed)
+        comp.train()
+        if not curve or loss < min(v for _, v in curve):
+            best.load_state_dict(comp.state_dict())
+        curve.append((step, round(loss, 6)))
+
+    if step == 0:
+        validate()
 
     t_start = time.perf_counter()
     last_save = step
@@ -114,15 +144,20 @@ def _train_compartment(
             step += 1
             losses.append(round(loss.item(), 5))
             show(step, float(np.mean(losses[-50:])))
+            if step % cfg.validate_every == 0 or step == cfg.steps:
+                validate()
             elapsed = time.perf_counter() - t_start
             if ckpt is not None and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
                 ckpt.parent.mkdir(parents=True, exist_ok=True)
-                save_checkpoint(ckpt, comp, None, opt, header(wall + elapsed))
+                save_checkpoint(ckpt, comp, best, opt, header(wall + elapsed))
                 last_save = step
                 if max_minutes is not None and elapsed > 60 * max_minutes and step < cfg.steps:
                     break
     wall += time.perf_counter() - t_start
+    if val is not None and step >= cfg.steps:
+        comp.load_state_dict(best.state_dict())
     comp.eval()
+    best_step, best_loss = min(curve, key=lambda c: c[1]) if curve else (None, None)
     record = {
         "source": {"id": source.id, "content_hash": source.content_hash, "n": len(source),
                    "sample_hashes": sorted(source.sample_hashes)},
@@ -136,6 +171,9 @@ def _train_compartment(
         "commit": git_commit(),
         "machine": machine_info(),
         "dp": None,
+        "validation": None if val is None else {
+            "n": int(val[0].shape[0]), "best_step": best_step, "best_loss": best_loss,
+            "start_loss": curve[0][1], "curve": curve},
     }
     return (comp if record["finished"] else None), record
 

@@ -1,0 +1,56 @@
+"""`cdm bench` on the toy profile: the code path, the results.json schema, saved samples, resuming."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cdm.benchmark import PARTS, run_bench
+
+WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    res = run_bench("toy", out, backbone=WEIGHTS / "backbone", classifier=WEIGHTS / "classifier")
+    return out, res
+
+
+@pytest.mark.slow
+def test_toy_bench_writes_the_documented_schema(toy):
+    out, res = toy
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["table1"] == res["table1"]
+    assert set(res["table1"]["2"]) == {"paragon", "router", "isolated", "ito", "naive", "single"}
+    assert all(np.isfinite(v) and v > 0 for v in res["table1"]["2"].values())
+    for method in ("router", "isolated", "ito", "naive"):
+        cell = res["two_domain"][method]
+        assert 0 <= cell["confident_in_domain"] <= 1 and len(cell["domain_fraction"]) == 2
+    assert set(res["cost"]) == {"single", "dense2", "sparse2"}
+    assert res["cost"]["dense2"]["evals"] == 2 * res["cost"]["single"]["evals"]
+    assert set(res["forget"]) >= {"source_seconds", "sample_seconds", "paragon_seconds"}
+    assert [r["n_sources"] for r in res["continual"]] == [1, 2, 1] and res["continual"][0]["fid_relative_to_one"] == 1
+    assert set(res["memorization"]) == {"paragon", "router", "isolated", "ito", "naive", "single"}
+    assert all(0 <= v <= 1 for v in res["memorization"].values())
+    assert res["meta"]["profile"] == "toy" and set(res["meta"]["part_seconds"]) == set(PARTS)
+    samples = np.load(out / "samples" / "table1-k2-router.npz")
+    assert samples["images"].shape == (20, 28, 28) and samples["images"].dtype == np.uint8
+    assert list(samples["labels"]) == list(np.repeat(np.arange(10), 2))
+    for f in ("report.md", "table1.png", "two_domain_weights.png", "continual.png"):
+        assert (out / f).stat().st_size > 0
+    assert "Table 1 analog" in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_rerun_resumes_from_cached_parts_and_refuses_another_profile(toy):
+    out, res = toy
+    before = {p: (out / "parts" / f"{p}.json").stat().st_mtime_ns for p in PARTS}
+    again = run_bench("toy", out, backbone=WEIGHTS / "backbone", classifier=WEIGHTS / "classifier")
+    assert again["table1"] == res["table1"]
+    assert {p: (out / "parts" / f"{p}.json").stat().st_mtime_ns for p in PARTS} == before  # nothing recomputed
+    with pytest.raises(ValueError, match="another profile"):
+        run_bench("quick", out, backbone=WEIGHTS / "backbone", classifier=WEIGHTS / "classifier")
+    with pytest.raises(ValueError, match="unknown parts"):
+        run_bench("toy", out, backbone=WEIGHTS / "backbone", classifier=WEIGHTS / "classifier", parts=("tables",))
