@@ -41,7 +41,7 @@ import torch
 from . import operations as ops
 from .backbone import Backbone
 from .compartments import CompartmentConfig
-from .data import Source, load_source, public_protected, split_stratified
+from .data import load_source, public_protected, split_stratified
 from .demo import write_samples
 from .evaluation import DigitClassifier, FIDScorer, classify
 from .evaluation.metrics import FeatureExtractor

@@ -6,7 +6,7 @@ backbone call on n x B rows instead of n calls.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -15,7 +15,7 @@ the unconditional half of the batch is then weighted by the unconditional poster
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 

@@ -37,7 +37,8 @@ deterministic solver the divergence term does not cancel and this estimator is b
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import Protocol
+from collections.abc import Callable
 
 import torch
 
