@@ -106,6 +106,7 @@ def create_app(store_path: str | Path, *, backbone: Backbone | str | Path | None
     bb = backbone if isinstance(backbone, Backbone) else Backbone.from_pretrained(backbone or DEFAULT_BACKBONE)
     n_classes = bb.config.num_classes - (1 if bb.config.null_class is not None else 0)
     engine = Engine(store_path, bb, limits)
+    from .. import composition, generation, operations, viz  # noqa: F401 (imported now, not by the first request)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
