@@ -136,6 +136,8 @@ def create_app(store_path: str | Path, *, backbone: Backbone | str | Path | None
     @app.exception_handler(CdmError)
     async def _cdm_error(request: Request, exc: CdmError):
         msg = str(exc).replace(str(store_path), "<store>")  # no server paths in answers
+        if msg.startswith(("unknown source", "unknown compartment")):
+            msg = msg.split("; known:")[0]  # never list other sources to the caller
         status = 404 if isinstance(exc, StoreError) and msg.startswith(("unknown source", "unknown compartment")) \
             else 422
         return JSONResponse({"detail": msg}, status_code=status)
