@@ -407,6 +407,95 @@ def train_router_cmd(
                   f"{rec['accuracy']:.3f} (chance {rec['chance']:.3f}); by t: {rec['accuracy_by_t']}")
 
 
+# ----------------------------------------------------------------------------------------------- the service
+DEMO_STORE = Path("out/demo/store")
+keys_app = typer.Typer(no_args_is_help=True, help="API keys of the service (hashed in the store's registry).")
+app.add_typer(keys_app, name="keys")
+
+
+@app.command()
+def serve(
+    store: Path = typer.Option(DEMO_STORE, help="Compartment store to serve (default: the demo's, `cdm demo`)."),
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
+    port: int = typer.Option(8000),
+    backbone: Path = typer.Option(DEFAULT_BACKBONE),
+    threads: int = typer.Option(1, help="torch CPU threads per worker thread."),
+    workers: int = typer.Option(1, help="Generate requests computed at once."),
+    queue: int = typer.Option(16, help="Generate requests waiting beyond those (503 when full)."),
+    max_n: int = typer.Option(16, help="Images per request."),
+    max_steps: int = typer.Option(100, help="Sampler steps per request."),
+    max_body_kb: int = typer.Option(64, help="JSON body limit (KiB)."),
+    max_upload_mb: int = typer.Option(32, help="Uploaded .npz limit (MiB)."),
+    train_steps: int = typer.Option(300, help="Default training steps of a source added over HTTP."),
+    log_level: str = typer.Option("info"),
+) -> None:
+    """Serve generation by access rights over HTTP (API + web page at /, OpenAPI at /docs)."""
+    try:
+        import uvicorn
+
+        from ..server import Limits, create_app, list_keys
+    except ImportError as e:
+        raise CdmError(f"the service needs fastapi, uvicorn and python-multipart: pip install -e . ({e})") from None
+    if not (store / "registry.sqlite").is_file():
+        hint = " (build it with `cdm demo`)" if store == DEMO_STORE else ""
+        raise CdmError(f"{store}: no compartment store{hint}")
+    limits = Limits(max_n=max_n, max_steps=max_steps, max_body_bytes=max_body_kb * 1024,
+                    max_upload_bytes=max_upload_mb * 1024 * 1024, workers=workers, queue=queue, threads=threads,
+                    default_train_steps=train_steps, max_train_steps=max(train_steps, Limits.max_train_steps))
+    _threads(threads)
+    asgi = create_app(store, backbone=backbone, limits=limits)
+    live = [k for k in list_keys(store) if k.revoked_at is None]
+    if not live:
+        console.print(f"no API key yet: make one with `cdm keys create admin --admin --store {store}`")
+    console.print(f"serving {store} on http://{host}:{port}/ ({len(live)} live key(s); API docs at /docs)")
+    uvicorn.run(asgi, host=host, port=port, log_level=log_level)
+
+
+@keys_app.command("create")
+def keys_create(
+    name: str = typer.Argument(..., help="Key name (the actor in the audit log)."),
+    store: Path = typer.Option(DEMO_STORE),
+    sources: str = typer.Option("", help="Comma-separated sources this key may use."),
+    admin: bool = typer.Option(False, help="An admin key: every source, and the admin endpoints."),
+) -> None:
+    """Create an API key; prints the token once (only its sha256 is stored)."""
+    from ..server.keys import create_key
+
+    with _open_store(store) as st:
+        token, key = create_key(st, name, sources=[s for s in sources.split(",") if s], admin=admin)
+    console.print(f"key '{key.name}'" + (" (admin)" if key.admin else f" for {', '.join(key.sources) or 'no source'}")
+                  + ": keep the token, it is not stored")
+    print(token)
+
+
+@keys_app.command("list")
+def keys_list(store: Path = typer.Option(DEMO_STORE)) -> None:
+    """List API keys (names, rights, prefixes; never the tokens)."""
+    from rich.table import Table
+
+    from ..server.keys import list_keys
+
+    table = Table(title=f"API keys of {store}")
+    for col in ("name", "admin", "sources", "prefix", "created", "revoked"):
+        table.add_column(col)
+    with _open_store(store):
+        keys = list_keys(store)
+    for k in keys:
+        table.add_row(k.name, "yes" if k.admin else "", ",".join(k.sources), k.prefix + "...", k.created_at[:19],
+                      (k.revoked_at or "")[:19])
+    Console().print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(name: str = typer.Argument(...), store: Path = typer.Option(DEMO_STORE)) -> None:
+    """Revoke an API key (it never authenticates again; its row stays for the audit trail)."""
+    from ..server.keys import revoke_key
+
+    with _open_store(store) as st:
+        key = revoke_key(st, name)
+    console.print(f"key '{key.name}' revoked at {key.revoked_at}")
+
+
 def main() -> None:
     try:
         app()

@@ -1,0 +1,329 @@
+"""The service's model side, off the event loop: bounded compute pool, store access, generation, training jobs.
+
+Threads:
+
+- ``io`` (2 threads): key checks, registry reads, the audit log, forgetting a source (milliseconds);
+- ``compute`` (``Limits.workers`` threads): sampling. At most ``workers + queue`` generate requests are
+  admitted at once; the next one gets 503 at once (never an unbounded queue);
+- ``jobs`` (1 thread): training a compartment for an uploaded source, sample-level forgetting (a retrain);
+  at most ``Limits.max_jobs`` jobs wait.
+
+Each thread opens its own :class:`~cdm.store.Store` once (a Store and its SQLite connection belong to one
+thread); the store's file locks order them against each other and against other processes (the CLI). torch
+uses ``Limits.threads`` intra-op threads in every one of them.
+
+Every write is an operation of :mod:`cdm.operations` (or :meth:`Store.record` for key events), with the
+calling key's name as the audit actor. Nothing about a compartment is cached between requests: each request
+loads what the registry lists at that moment, so a forgotten source is gone for the next request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import io
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from ..backbone import Backbone
+from ..compartments import CompartmentConfig
+from ..data import Source
+from ..errors import CdmError
+from ..store import Store
+
+__all__ = ["Busy", "Engine", "Job", "Limits", "png_base64", "weight_summary"]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for, and how much the service runs at once."""
+
+    max_n: int = 16  # images per generate request
+    max_steps: int = 100  # sampler steps per request
+    max_body_bytes: int = 64 * 1024  # JSON bodies (413 above)
+    max_upload_bytes: int = 32 * 1024 * 1024  # an uploaded .npz (413 above)
+    max_upload_images: int = 20_000
+    max_train_steps: int = 2000  # steps of a compartment trained for an uploaded source
+    default_train_steps: int = 300
+    workers: int = 1  # generate requests computed at once
+    queue: int = 16  # generate requests waiting beyond those (503 when full)
+    max_jobs: int = 4  # training jobs running or waiting (503 when full)
+    threads: int = 1  # torch intra-op threads per worker thread
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if not isinstance(v, int) or v < (0 if f.name == "queue" else 1):
+                raise ValueError(f"limit {f.name} must be a positive integer, got {v!r}")
+
+
+class _Watched:
+    """A denoiser wrapper that notes non-finite inputs or outputs (a diverging sampler), forwarding the rest
+    (``reset``, ``trajectory``, ``evals``) to the composed denoiser."""
+
+    def __init__(self, inner):
+        self._inner = inner
+        self.diverged = False
+
+    def __call__(self, x, t, **cond):
+        import torch
+
+        out = self._inner(x, t, **cond)
+        if not (torch.isfinite(x).all() and torch.isfinite(out).all()):
+            self.diverged = True
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+class Busy(Exception):
+    """The bounded queue is full."""
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def png_base64(image: np.ndarray) -> str:
+    return base64.b64encode(png_bytes(image)).decode()
+
+
+def weight_summary(trajectories: list, n: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image time-averaged and final weights (n, k) from the composed denoiser's per-batch trajectories
+    (calls, B, k); with classifier-free guidance B is twice the batch (conditional half first)."""
+    means, finals = [], []
+    for b, traj in enumerate(trajectories):
+        w = traj.numpy() if hasattr(traj, "numpy") else np.asarray(traj)
+        rows = min(batch_size, n - b * batch_size)
+        w = w[:, :rows]
+        means.append(w.mean(axis=0))
+        finals.append(w[-1])
+    return np.concatenate(means), np.concatenate(finals)
+
+
+class _Pool:
+    """A thread pool whose threads each set torch's thread count and open their own Store lazily."""
+
+    def __init__(self, name: str, workers: int, threads: int, store_path: Path):
+        self._local = threading.local()
+        self._store_path = store_path
+        self._threads = threads
+        self.executor = ThreadPoolExecutor(workers, thread_name_prefix=f"cdm-{name}", initializer=self._init)
+
+    def _init(self) -> None:
+        import torch
+
+        torch.set_num_threads(self._threads)
+
+    def store(self) -> Store:
+        st = getattr(self._local, "store", None)
+        if st is None:
+            st = self._local.store = Store.open(self._store_path)
+        return st
+
+    async def run(self, fn: Callable[..., Any], *args, **kwargs) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, partial(fn, *args, **kwargs))
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclass
+class Job:
+    id: str
+    kind: str
+    target: str
+    actor: str
+    status: str = "queued"  # queued | running | done | failed
+    steps_done: int = 0
+    steps_total: int | None = None
+    created_at: float = dataclasses.field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    result: dict | None = None
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        progress = None
+        if self.status == "done":
+            progress = 1.0
+        elif self.steps_total:
+            progress = round(self.steps_done / self.steps_total, 4)
+        return {"id": self.id, "kind": self.kind, "target": self.target, "actor": self.actor,
+                "status": self.status, "progress": progress, "steps_done": self.steps_done,
+                "steps_total": self.steps_total, "created_at": self.created_at, "started_at": self.started_at,
+                "finished_at": self.finished_at, "result": self.result, "error": self.error}
+
+
+class Engine:
+    def __init__(self, store_path: str | Path, backbone: Backbone, limits: Limits):
+        import torch
+
+        self.store_path = Path(store_path)
+        self.backbone = backbone
+        self.limits = limits
+        torch.set_num_threads(limits.threads)
+        self.io = _Pool("io", 2, limits.threads, self.store_path)
+        self.compute = _Pool("compute", limits.workers, limits.threads, self.store_path)
+        self.jobs_pool = _Pool("jobs", 1, limits.threads, self.store_path)
+        self.admitted = 0  # generate requests running or queued (touched on the event loop only)
+        self.jobs: dict[str, Job] = {}
+        self._jobs_lock = threading.Lock()
+        self._stats_lock = threading.Lock()
+        self.stats = {"generated_requests": 0, "generated_images": 0, "rejected_busy": 0}
+
+    def shutdown(self) -> None:
+        for pool in (self.io, self.compute, self.jobs_pool):
+            pool.shutdown()
+
+    # ------------------------------------------------------------------------------------------ generation
+
+    async def generate(self, **request) -> dict:
+        cap = self.limits.workers + self.limits.queue
+        if self.admitted >= cap:
+            self.stats["rejected_busy"] += 1
+            raise Busy(f"the service is busy: {self.admitted} generate requests are running or queued (limit "
+                       f"{cap}); retry later")
+        self.admitted += 1
+        submitted = time.perf_counter()
+        try:
+            return await self.compute.run(self._generate, submitted=submitted, **request)
+        finally:
+            self.admitted -= 1
+
+    def _generate(self, *, sources: list[str], classes: list[int] | None, n: int, steps: int, seed: int,
+                  weighting: str, guidance: float, solver: str | None, submitted: float) -> dict:
+        from ..generation import generate
+        from ..operations import compose
+        from ..viz import grid
+
+        started = time.perf_counter()
+        st = self.compute.store()
+        bb = self.backbone
+        rows = {r["cid"]: r for r in st.compartments(kind="compartment")}
+        composed = _Watched(compose(st, bb, sources, weighting=weighting, seed=seed))  # unknown -> StoreError
+        solver = solver or ("ddpm" if weighting == "ito" and len(sources) > 1 else "ddim")
+        labels = None if classes is None else np.resize(np.asarray(classes, dtype=np.int64), n)
+        trajectories: list = []
+        batch = n
+        images, labels = generate(composed, schedule=bb.schedule, codec=bb.codec, labels=labels,
+                                  n=None if labels is not None else n, null_class=bb.config.null_class,
+                                  guidance=guidance if labels is not None else 1.0, solver=solver, steps=steps,
+                                  seed=seed, batch_size=batch, in_chans=bb.config.in_chans,
+                                  trajectories=trajectories)
+        mean_w, final_w = weight_summary(trajectories, len(images), batch)
+        if composed.diverged or not (np.isfinite(mean_w).all() and np.isfinite(final_w).all()):
+            raise CdmError(f"the {solver} sampler diverged (non-finite values) with {steps} steps; try another "
+                           "number of steps")
+        out_images = []
+        for i, img in enumerate(images):
+            out_images.append({
+                "index": i,
+                "label": None if labels is None else int(labels[i]),
+                "png": png_base64(img),
+                "weights": {s: round(float(mean_w[i, k]), 4) for k, s in enumerate(sources)},
+                "final_weights": {s: round(float(final_w[i, k]), 4) for k, s in enumerate(sources)},
+                "attribution": None,
+            })
+        nrow = min(len(images), 8)
+        done = time.perf_counter()
+        with self._stats_lock:
+            self.stats["generated_requests"] += 1
+            self.stats["generated_images"] += len(images)
+        return {
+            "sources": sources,
+            "compartments": [{"cid": s, "weights_sha256": rows[s]["weights_sha256"] if s in rows else None}
+                             for s in sources],
+            "weighting": weighting, "solver": solver, "steps": steps, "seed": seed, "n": len(images),
+            "classes": classes, "guidance": guidance if labels is not None else 1.0,
+            "images": out_images,
+            "grid_png": png_base64(grid(images, nrow=nrow)),
+            "weights_summary": "per image: time-averaged posterior weight of each source over all sampler calls "
+                               "(weights) and at the last call (final_weights)",
+            "attribution": None,
+            "evals": int(composed.evals),
+            "seconds": round(done - started, 4), "queue_seconds": round(started - submitted, 4),
+        }
+
+    # ------------------------------------------------------------------------------------------ jobs
+
+    def _new_job(self, kind: str, target: str, actor: str, steps_total: int | None = None) -> Job:
+        with self._jobs_lock:
+            active = [j for j in self.jobs.values() if j.status in ("queued", "running")]
+            if len(active) >= self.limits.max_jobs:
+                raise Busy(f"{len(active)} jobs are running or queued (limit {self.limits.max_jobs}); retry later")
+            job = Job(id=uuid.uuid4().hex[:16], kind=kind, target=target, actor=actor, steps_total=steps_total)
+            self.jobs[job.id] = job
+            finished = [j for j in self.jobs.values() if j.status in ("done", "failed")]
+            for old in finished[:-100]:  # keep the last 100 finished jobs
+                del self.jobs[old.id]
+        return job
+
+    def _run_job(self, job: Job, fn: Callable[[Job, Store], dict]) -> None:
+        job.status, job.started_at = "running", time.time()
+        try:
+            job.result = fn(job, self.jobs_pool.store())
+            job.status = "done"
+        except Exception as e:  # noqa: BLE001 (reported in the job)
+            job.status, job.error = "failed", f"{type(e).__name__}: {e}"
+        finally:
+            job.finished_at = time.time()
+
+    def active_job(self, target: str) -> Job | None:
+        with self._jobs_lock:
+            return next((j for j in self.jobs.values() if j.target == target and j.status in ("queued", "running")),
+                        None)
+
+    def submit(self, kind: str, target: str, actor: str, fn: Callable[[Job, Store], dict],
+               steps_total: int | None = None) -> Job:
+        job = self._new_job(kind, target, actor, steps_total)
+        self.jobs_pool.executor.submit(self._run_job, job, fn)
+        return job
+
+    def add_source_job(self, source: Source, *, name: str, cfg: CompartmentConfig, tags: tuple[str, ...],
+                       actor: str) -> Job:
+        """Train a compartment for ``source`` as a background job. Progress comes from pausing at every
+        checkpoint (``max_minutes=0``, checkpoints every ~5% of the steps) and resuming, which
+        :func:`cdm.operations.add_source` supports (a resumed run equals an uninterrupted one)."""
+        from ..operations import add_source
+
+        def run(job: Job, st: Store) -> dict:
+            while True:
+                if job.steps_done and name not in {s["id"] for s in st.sources()}:
+                    raise RuntimeError(f"source '{name}' was forgotten while its compartment was training")
+                res = add_source(st, self.backbone, source, name=name, cfg=cfg, tags=tags, actor=actor,
+                                 max_minutes=0, progress=False)
+                job.steps_done = int(res["record"]["steps_done"])
+                if res["finished"]:
+                    rec = res["record"]
+                    return {"source": name, "n": len(source), "steps": rec["steps_done"],
+                            "train_seconds": rec["wall_seconds"], "final_loss": rec["final_loss"],
+                            "weights_sha256": res["row"]["weights_sha256"]}
+
+        return self.submit("add-source", name, actor, run, steps_total=cfg.steps)
+
+    def forget_samples_job(self, name: str, sample_ids: list[str], *, reason: str, actor: str) -> Job:
+        from ..operations import forget_samples
+
+        def run(job: Job, st: Store) -> dict:
+            out = forget_samples(st, self.backbone, name, sample_ids, reason=reason, actor=actor, progress=False)
+            return {"source": name, "n_removed": out["n_removed"], "seconds": round(out["seconds"], 3),
+                    "before": out["before"], "after": out["after"], "dropped": out["dropped"]}
+
+        return self.submit("forget-samples", name, actor, run)

@@ -1,0 +1,132 @@
+// The cdm service page: plain JS, no build step, no CDN. Talks to /v1/sources and /v1/generate.
+"use strict";
+const COLORS = ["#2f6fdf", "#e0603a", "#2aa876", "#9b59b6", "#d4a017", "#16a2b8", "#c2185b", "#6d4c41"];
+const $ = (id) => document.getElementById(id);
+let key = sessionStorage.getItem("cdm-key") || "";
+let colorOf = {};
+
+function setStatus(text, isError) {
+  $("status").textContent = text;
+  $("status").className = isError ? "error" : "muted";
+}
+
+async function api(path, options = {}) {
+  const res = await fetch(path, {
+    ...options,
+    headers: { "Authorization": "Bearer " + key, "Content-Type": "application/json", ...(options.headers || {}) },
+  });
+  let body = null;
+  try { body = await res.json(); } catch (e) { body = null; }
+  if (!res.ok) {
+    let detail = body && body.detail;
+    if (Array.isArray(detail)) detail = detail.map((d) => (d.loc || []).slice(1).join(".") + ": " + d.msg).join("; ");
+    throw new Error(res.status + " " + (detail || res.statusText));
+  }
+  return body;
+}
+
+async function connect() {
+  key = $("key").value.trim();
+  if (!key) { setStatus("Paste an API key first.", true); return; }
+  try {
+    const me = await api("/v1/sources");
+    sessionStorage.setItem("cdm-key", key);
+    $("whoami").textContent = "key '" + me.name + "'" + (me.admin ? " (admin)" : "") + ": " + me.sources.length + " source(s)";
+    const box = $("sources");
+    box.replaceChildren();
+    colorOf = {};
+    me.sources.forEach((s, i) => {
+      colorOf[s.name] = COLORS[i % COLORS.length];
+      const label = document.createElement("label");
+      const cb = document.createElement("input");
+      cb.type = "checkbox"; cb.value = s.name; cb.checked = s.ready; cb.disabled = !s.ready;
+      label.append(cb, " ", s.name + " (" + s.n + " samples" + (s.ready ? "" : ", training…") + ")");
+      label.style.borderLeft = "4px solid " + colorOf[s.name];
+      label.style.paddingLeft = "4px";
+      box.append(label);
+    });
+    if (!me.sources.length) box.textContent = "This key may use no source.";
+    $("controls").hidden = false;
+    setStatus("Connected.");
+  } catch (e) {
+    $("controls").hidden = true;
+    setStatus(e.message, true);
+  }
+}
+
+function weightRow(name, value) {
+  const row = document.createElement("div");
+  row.className = "w";
+  const n = document.createElement("span"); n.className = "name"; n.textContent = name; n.title = name;
+  const bar = document.createElement("span"); bar.className = "bar";
+  const fill = document.createElement("i");
+  fill.style.width = (100 * value).toFixed(1) + "%";
+  fill.style.background = colorOf[name] || "#888";
+  bar.append(fill);
+  const v = document.createElement("span"); v.textContent = value.toFixed(2);
+  row.append(n, bar, v);
+  return row;
+}
+
+async function generate(ev) {
+  ev.preventDefault();
+  const sources = [...document.querySelectorAll("#sources input:checked")].map((c) => c.value);
+  if (!sources.length) { setStatus("Pick at least one source.", true); return; }
+  const cls = $("class").value;
+  const n = parseInt($("n").value, 10);
+  const body = {
+    sources, n, steps: parseInt($("steps").value, 10), seed: parseInt($("seed").value, 10),
+    weighting: $("weighting").value,
+    classes: cls === "uncond" ? null : cls === "all" ? [0, 1, 2, 3, 4, 5, 6, 7, 8, 9] : [parseInt(cls, 10)],
+  };
+  $("generate").disabled = true;
+  setStatus("Generating " + n + " image(s) from " + sources.join(" + ") + "…");
+  const t0 = performance.now();
+  try {
+    const out = await api("/v1/generate", { method: "POST", body: JSON.stringify(body) });
+    const results = $("results");
+    results.replaceChildren();
+    for (const img of out.images) {
+      const card = document.createElement("div");
+      card.className = "card";
+      const el = document.createElement("img");
+      el.src = "data:image/png;base64," + img.png;
+      el.alt = "generated image " + img.index;
+      const label = document.createElement("div");
+      label.className = "label";
+      label.textContent = "#" + img.index + (img.label === null ? " · unconditional" : " · class " + img.label);
+      card.append(el, label);
+      for (const [name, w] of Object.entries(img.weights)) card.append(weightRow(name, w));
+      results.append(card);
+    }
+    const summary = $("summary");
+    summary.replaceChildren();
+    const grid = document.createElement("img");
+    grid.src = "data:image/png;base64," + out.grid_png; grid.alt = "grid";
+    const text = document.createElement("span");
+    text.textContent = "compartments: " + out.compartments.map((c) => c.cid + " (" + (c.weights_sha256 || "").slice(0, 12) + ")").join(", ") +
+      " · weighting " + out.weighting + " · solver " + out.solver + " · " + out.steps + " steps · seed " + out.seed;
+    summary.append(grid, text);
+    summary.hidden = false;
+    setStatus(out.n + " image(s) in " + ((performance.now() - t0) / 1000).toFixed(2) + " s (server " + out.seconds.toFixed(2) + " s).");
+  } catch (e) {
+    setStatus(e.message, true);
+  } finally {
+    $("generate").disabled = false;
+  }
+}
+
+function init() {
+  const sel = $("class");
+  for (let c = 0; c < 10; c++) {
+    const o = document.createElement("option"); o.value = String(c); o.textContent = "digit " + c; sel.append(o);
+  }
+  const fromHash = new URLSearchParams(location.hash.slice(1)).get("key");
+  if (fromHash) { key = fromHash; history.replaceState(null, "", location.pathname); }
+  $("key").value = key;
+  $("connect").addEventListener("click", connect);
+  $("key").addEventListener("keydown", (e) => { if (e.key === "Enter") connect(); });
+  $("controls").addEventListener("submit", generate);
+  if (key) connect();
+}
+init();
