@@ -104,3 +104,22 @@ def test_add_noise_matches_the_marginal():
     xt = s.add_noise(x0, torch.randn(20000, 1, generator=torch.Generator().manual_seed(0)), t)
     a = s.alphas_cumprod[500].item()
     assert abs(xt.mean().item() - math.sqrt(a) * 0.5) < 0.02 and abs(xt.std().item() - math.sqrt(1 - a)) < 0.02
+
+
+def test_ancestral_solver_is_finite_at_every_step_count_and_matches_diffusers():
+    from cdm.sampling.solvers import _ddim
+
+    sched = NoiseSchedule()
+    eps = lambda x, t, **_: 0.5 * x  # noqa: E731
+    for steps in range(1, 13):  # diffusers' DDIM(eta=1) gives NaN at 5 steps (sqrt of a rounding error < 0)
+        x = sample(eps, torch.randn(3, 1, 4, 4), schedule=sched, solver="ddpm", steps=steps,
+                   generator=torch.Generator().manual_seed(0))
+        assert torch.isfinite(x).all(), steps
+    noise = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    ours = sample(eps, noise, schedule=sched, solver="ddpm", steps=6, generator=torch.Generator().manual_seed(0))
+    ref, _ = _ddim(sched, True)
+    ref.set_timesteps(6)
+    g, y = torch.Generator().manual_seed(0), noise.clone()
+    for t in ref.timesteps:
+        y = ref.step(eps(y, t), t, y, eta=1.0, use_clipped_model_output=True, generator=g).prev_sample
+    assert torch.allclose(ours, y, atol=1e-4)

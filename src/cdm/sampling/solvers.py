@@ -42,11 +42,49 @@ def _dpmpp2m(schedule: NoiseSchedule, clip: bool):
                                        lower_order_final=True, final_sigmas_type="zero"), {}
 
 
+class _Ancestral:
+    """Ancestral sampling (DDIM with eta = 1, i.e. DDPM's posterior variance): a discretised reverse SDE whose
+    noise matches the forward diffusion, which the Ito density estimator (cdm.composition) relies on.
+
+    diffusers' DDIMScheduler computes this step too (same timesteps, same noise draws), but at the first trailing
+    step, where alpha_bar(T-1) = 2.4e-9 under the cosine schedule, its ``(1 - a_prev - std**2) ** 0.5`` takes
+    the root of a float32 rounding error below zero for some step counts (5 steps: NaN images). This step is
+    the same formula with that term clamped at zero; otherwise it follows DDIMScheduler line for line."""
+
+    def __init__(self, schedule: NoiseSchedule, clip: bool):
+        self.inner, _ = _ddim(schedule, clip)
+        self.clip = clip
+
+    def set_timesteps(self, steps: int) -> None:
+        self.inner.set_timesteps(steps)
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        return self.inner.timesteps
+
+    def step(self, e: torch.Tensor, t, x: torch.Tensor, generator: torch.Generator | None = None, **_):
+        sch = self.inner
+        t = int(t)
+        prev = t - sch.config.num_train_timesteps // sch.num_inference_steps
+        a_t = sch.alphas_cumprod[t]
+        a_p = sch.alphas_cumprod[prev] if prev >= 0 else sch.final_alpha_cumprod
+        x0 = (x - (1 - a_t) ** 0.5 * e) / a_t**0.5
+        if self.clip:
+            x0 = x0.clamp(-1.0, 1.0)
+            e = (x - a_t**0.5 * x0) / (1 - a_t) ** 0.5
+        var = (1 - a_p) / (1 - a_t) * (1 - a_t / a_p)
+        direction = (1 - a_p - var).clamp(min=0.0) ** 0.5 * e
+        noise = torch.randn(e.shape, generator=generator, dtype=e.dtype).to(e.device)
+        return _Step(a_p**0.5 * x0 + direction + var**0.5 * noise)
+
+
+class _Step:
+    def __init__(self, prev_sample: torch.Tensor):
+        self.prev_sample = prev_sample
+
+
 def _ddpm(schedule: NoiseSchedule, clip: bool):
-    # Ancestral sampling (DDIM with eta = 1, i.e. DDPM's posterior variance): a discretised reverse SDE whose
-    # noise matches the forward diffusion, which the Ito density estimator (cdm.composition) relies on.
-    sched, kwargs = _ddim(schedule, clip)
-    return sched, {**kwargs, "eta": 1.0}
+    return _Ancestral(schedule, clip), {}
 
 
 # name -> factory(schedule, clip) -> (diffusers scheduler, step kwargs)
