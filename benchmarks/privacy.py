@@ -70,7 +70,8 @@ def dp_part(args, bb: Backbone, judge_net: DigitClassifier) -> dict:
                              steps=args.sample_steps, seed=3)
         write_samples(args.out / "samples", f"dp-eps{key}", images, None, nrow=20)
         _, prob, _ = classify(judge_net, images)
-        out[key] = {"epsilon": eps_achieved, "fid": round(scorer(images), 3), "confident": round(float((prob >= 0.8).mean()), 4),
+        out[key] = {"epsilon": eps_achieved, "fid": round(scorer(images), 3),
+                    "confident": round(float((prob >= 0.8).mean()), 4),
                     "final_loss": rec["final_loss"], "train_seconds": round(train_s, 1), "dp": rec["dp"]}
         print("dp", key, json.dumps({k: v for k, v in out[key].items() if k != "dp"}), flush=True)
     return {"dp": out, "dp_setup": {
@@ -93,7 +94,8 @@ def _attribute_setting(store_dir: Path, names: list[str], bb: Backbone, args) ->
     with Store.open(store_dir) as st:
         comps = [ops.load_compartment(st, bb, n) for n in names]
     bank = CompartmentBank(bb, comps)
-    noise = torch.randn((args.n, 1, bb.codec.model_size, bb.codec.model_size), generator=torch.Generator().manual_seed(5))
+    m = bb.codec.model_size
+    noise = torch.randn((args.n, 1, m, m), generator=torch.Generator().manual_seed(5))
     parts = []
     for s in range(0, args.n, args.batch):
         parts.append(attribute(bank, noise[s:s + args.batch], schedule=bb.schedule, priors=[1.0] * len(names),
@@ -129,12 +131,13 @@ def attribution_part(args, bb: Backbone, judge_net: DigitClassifier) -> dict:
         "two_domain_top1_all_samples": round(float((top == domain).mean()), 4),
         "two_domain_weight_path_top1": round(float((path_top[confident] == domain[confident]).mean()), 4)
         if confident.any() else None,
-        "weight_path_entropy": {"two_domain": round(float(hp_two.mean()), 4), "same_domain": round(float(hp_same.mean()), 4)},
+        "weight_path_entropy": {"two_domain": round(float(hp_two.mean()), 4),
+                                "same_domain": round(float(hp_same.mean()), 4)},
         "views_agree": {"two_domain": round(float((top == path_top).mean()), 4),
                         "same_domain": round(float((np.clip(same["credit"], 0, None).argmax(1)
                                                     == same["weight_path"].argmax(1)).mean()), 4)},
-        "credit_outside_0_1": {"two_domain": round(float(((two["credit"] < 0) | (two["credit"] > 1)).any(1).mean()), 4),
-                               "same_domain": round(float(((same["credit"] < 0) | (same["credit"] > 1)).any(1).mean()), 4)},
+        "credit_outside_0_1": {k: round(float(((r["credit"] < 0) | (r["credit"] > 1)).any(1).mean()), 4)
+                               for k, r in (("two_domain", two), ("same_domain", same))},
         "credit_se_median": {"two_domain": float(np.median(two["credit_se"])),
                              "same_domain": float(np.median(same["credit_se"]))},
         "loglik_change_mean_nats": {"two_domain": round(float(two["loglik_change"].mean()), 2),
@@ -218,10 +221,14 @@ def main() -> None:
     meta = {"command": "python " + shlex.join(sys.argv), "commit": git_commit(), "machine": machine_info(),
             "wall_seconds": round(time.perf_counter() - t0, 1), "date": time.strftime("%Y-%m-%d")}
     path = args.out / "results.json"
-    old = json.loads(path.read_text()) if path.exists() else {}
-    old.update(res)
-    old.setdefault("meta", {}).update({p: meta for p in parts})
-    atomic_write_json(path, old)
+    import fcntl
+
+    with open(args.out / ".results.lock", "w") as lock:  # parts may run in parallel; merge under a lock
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        old = json.loads(path.read_text()) if path.exists() else {}
+        old.update(res)
+        old.setdefault("meta", {}).update({p: meta for p in parts})
+        atomic_write_json(path, old)
 
 
 if __name__ == "__main__":

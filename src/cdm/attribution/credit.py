@@ -45,7 +45,7 @@ compartments' own densities and an approximation otherwise.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -63,14 +63,13 @@ def divergence(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *, pr
     with torch.enable_grad():
         y = f(x)
         flat = x[0].numel()
-        if exact:
+        if exact:  # every basis direction at once (vmap over grad_outputs), in chunks
             out = torch.zeros(x.shape[0], dtype=torch.float64)
-            for k in range(flat):
-                e = torch.zeros_like(x).flatten(1)
-                e[:, k] = 1
-                e = e.view_as(x)
-                (g,) = torch.autograd.grad(y, x, e, retain_graph=k < flat - 1)
-                out += (g * e).flatten(1).sum(1).double()
+            eye = torch.eye(flat, dtype=x.dtype)
+            for s in range(0, flat, 64):
+                e = eye[s:s + 64].view(-1, 1, *x.shape[1:]).expand(-1, *x.shape).contiguous()
+                (g,) = torch.autograd.grad(y, x, e, retain_graph=True, is_grads_batched=True)
+                out += (g * e).flatten(2).sum(2).sum(0).double()
             return out
         out = []
         for p in range(probes):
@@ -107,6 +106,10 @@ def attribute(bank, x_T: torch.Tensor, *, schedule: NoiseSchedule, priors: Seque
     """
     if steps < 1 or (not exact and probes < 1):
         raise ValueError("steps and probes must be >= 1")
+    if isinstance(bank, (list, tuple)):
+        from ..composition import CallableBank
+
+        bank = CallableBank(bank)
     n = len(bank)
     lam = torch.ones(n, dtype=torch.float64) if priors is None else torch.as_tensor(priors, dtype=torch.float64)
     if lam.shape != (n,) or (lam < 0).any() or lam.sum() <= 0:
@@ -184,13 +187,17 @@ def attribute(bank, x_T: torch.Tensor, *, schedule: NoiseSchedule, priors: Seque
     credit_p = L / total.unsqueeze(-1)
     L_mean = L.mean(0)
     credit = L_mean / L_mean.sum(-1, keepdim=True)
-    se = (lambda v: v.std(0, unbiased=True) / P ** 0.5 if P > 1 else torch.full_like(v[0], float("nan")))
+
+    def se(v: torch.Tensor) -> torch.Tensor:
+        return v.std(0, unbiased=True) / P ** 0.5 if P > 1 else torch.full_like(v[0], float("nan"))
+
     return {"x0": x.numpy(), "credit": credit.numpy(), "credit_se": se(credit_p).numpy(), "L": L_mean.numpy(),
             "L_se": se(L).numpy(), "loglik_change": total.mean(0).numpy(), "weight_path": path.numpy(),
             "weights": W.numpy(), "timesteps": np.asarray(vparts), "probes": P, "exact": exact, "steps": steps}
 
 
-def weight_path_credit(weights: np.ndarray | torch.Tensor, times: np.ndarray | torch.Tensor | None = None) -> np.ndarray:
+def weight_path_credit(weights: np.ndarray | torch.Tensor,
+                       times: np.ndarray | torch.Tensor | None = None) -> np.ndarray:
     """Time-integrated weights from a composed sampler's recorded trajectory (``ComposedDenoiser.trajectory()``,
     (calls, B, n)) and its ``times()`` (calls, B); without times, every call counts the same."""
     w = torch.as_tensor(np.asarray(weights), dtype=torch.float64)

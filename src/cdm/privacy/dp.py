@@ -114,7 +114,8 @@ def _accountant(kind: str):
     return create_accountant(kind)
 
 
-def epsilon_spent(noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str = "rdp") -> float:
+def epsilon_spent(noise_multiplier: float, sample_rate: float, steps: int, delta: float,
+                  accountant: str = "rdp") -> float:
     """The epsilon Opacus' accountant gives ``steps`` subsampled Gaussian steps (noise ``noise_multiplier``,
     Poisson rate ``sample_rate``) at ``delta``."""
     acc = _accountant(accountant)
@@ -181,8 +182,8 @@ def _train(backbone: Backbone, source: Source, cfg: CompartmentConfig, dp: DPCon
     sigma = calibrate(dp.epsilon, delta, q, cfg.steps, dp.accountant)
     if sigma > max_noise_multiplier:
         raise TrainingError(f"epsilon {dp.epsilon:g} needs noise multiplier {sigma:.1f} (> {max_noise_multiplier:g}) "
-                            f"with {cfg.steps} steps at expected batch {cfg.batch_size} of {n} samples: the noise would "
-                            "drown every gradient; allow a larger epsilon or use fewer steps")
+                            f"with {cfg.steps} steps at expected batch {cfg.batch_size} of {n} samples: the noise "
+                            "would drown every gradient; allow a larger epsilon or use fewer steps")
     x_all = backbone.codec.encode(data.images)
     y_all = torch.tensor(data.labels if data.labels is not None else np.zeros(n), dtype=torch.long)
     comp.init_prompts(step_generator(_TAG + "/init", cfg.seed, 0))
