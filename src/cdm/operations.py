@@ -25,6 +25,7 @@ from .training.compartment import train_compartment
 __all__ = ["add_source", "compose", "train_paragon", "forget_source", "forget_samples", "load_compartment", "source_data",
            "PARAGON", "LEARNED_WEIGHTINGS", "ROUTER_CIDS", "ISOLATED_KIND", "head_cid", "load_weighting",
            "train_router_op", "train_isolated_op"]
+__all__ += ["add_source_dp", "attribute_samples"]  # privacy and attribution (cdm.privacy, cdm.attribution)
 
 PARAGON = "paragon"
 _DATA = "source.npz"
@@ -75,6 +76,63 @@ def add_source(store: Store, backbone: Backbone, source: Source, *, name: str, c
         return {"finished": False, "record": record}
     row = _put(store, name, comp, record, kind="compartment", sources=[name], backbone=backbone, actor=actor)
     return {"finished": True, "record": record, "row": row}
+
+
+def add_source_dp(store: Store, backbone: Backbone, source: Source, *, name: str, cfg: CompartmentConfig, dp,
+                  tags: tuple[str, ...] = (), actor: str | None = None, max_minutes: float | None = None,
+                  progress: bool = True) -> dict:
+    """:func:`add_source` with DP-SGD training (:mod:`cdm.privacy`): ``dp`` is a
+    :class:`~cdm.privacy.DPConfig`; ``cfg.batch_size`` is the expected Poisson batch. The manifest's ``dp``
+    entry holds the achieved epsilon (from the accountant), delta, noise multiplier, clip, sample rate, steps.
+    A budget that cannot be met is refused before anything is registered."""
+    from .privacy import calibrate
+    from .privacy import train_compartment_dp
+
+    existing = {r["cid"] for r in store.compartments()}
+    if name in existing:
+        raise StoreError(f"source '{name}' already has a compartment; forget it first or choose another name")
+    if len(source) == 0:
+        raise CdmError(f"{source.id}: the source is empty")
+    calibrate(dp.epsilon, dp.delta_for(len(source)), cfg.batch_size / len(source), cfg.steps, dp.accountant)
+    store.add_source(name, content_hash=source.content_hash, n=len(source), classes=list(source.classes),
+                     tags=tags, actor=actor)
+    data_path = _data_dir(store, name) / _DATA
+    if not data_path.exists():
+        source.to_npz(data_path)
+    comp, record = train_compartment_dp(backbone, source, cfg, dp, work_dir=store.work_dir(name, sources=[name]),
+                                        max_minutes=max_minutes, progress=progress)
+    record["source"]["spec"] = source.id
+    record["source"]["id"] = name
+    if comp is None:
+        return {"finished": False, "record": record}
+    row = _put(store, name, comp, record, kind="compartment", sources=[name], backbone=backbone, actor=actor)
+    return {"finished": True, "record": record, "row": row}
+
+
+def attribute_samples(store: Store, backbone: Backbone, names: list[str], *, n: int = 16, seed: int = 0,
+                      steps: int = 25, probes: int = 2, exact: bool = False, priors: list[float] | None = None,
+                      weighting: str = "ode") -> dict:
+    """Generate ``n`` unconditional samples from the composition of stored compartments ``names`` along the
+    probability-flow ODE and attribute each to the sources (:func:`cdm.attribution.attribute`). ``weighting``:
+    ``ode`` (tracked along the path) or a learned one from the store (router | classifier | isolated). Default
+    priors: proportional to source size. Returns the attribution dict plus ``images`` (uint8) and ``names``."""
+    from .attribution import attribute
+    from .composition import CompartmentBank
+
+    if not names:
+        raise CdmError("no sources to attribute to")
+    comps = [load_compartment(store, backbone, nm) for nm in names]
+    if priors is None:
+        priors = [float(store.source(nm)["n"]) for nm in names]
+    w = None if weighting == "ode" else load_weighting(store, backbone, names, weighting)
+    m = backbone.codec.model_size
+    noise = torch.randn((n, backbone.config.in_chans, m, m), generator=torch.Generator().manual_seed(seed))
+    out = attribute(CompartmentBank(backbone, comps), noise, schedule=backbone.schedule, priors=priors, weighting=w,
+                    steps=steps, probes=probes, exact=exact, seed=seed)
+    out["images"] = backbone.codec.decode(torch.as_tensor(out["x0"]))
+    out["names"] = list(names)
+    out["priors"] = list(priors)
+    return out
 
 
 def train_paragon(store: Store, backbone: Backbone, *, cfg: CompartmentConfig, sources: list[str] | None = None,
