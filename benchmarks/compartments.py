@@ -87,8 +87,10 @@ def run_paragon(args, bb: Backbone) -> dict:
     held = concat_sources([p[1] for p in ps], id="held-out")
     x, y = bb.codec.encode(held.images), torch.tensor(held.labels)
     return {"paragon": {"n_train": len(union), "steps": K * args.steps, "seconds": round(seconds, 1),
-                        "held_out_loss": round(held_out_loss(comp.denoiser(bb), x, bb.schedule, y=y, draws=args.draws), 6),
-                        "backbone_held_out_loss": round(held_out_loss(bb.eps, x, bb.schedule, y=y, draws=args.draws), 6),
+                        "held_out_loss": round(held_out_loss(comp.denoiser(bb), x, bb.schedule, y=y,
+                                                             draws=args.draws), 6),
+                        "backbone_held_out_loss": round(held_out_loss(bb.eps, x, bb.schedule, y=y, draws=args.draws),
+                                                        6),
                         "validation": rec["validation"]}}
 
 
@@ -159,7 +161,8 @@ def main() -> None:
     res = {"compartments": run_compartments, "paragon": run_paragon, "forget": run_forget}[args.part](args, bb)
     res[f"meta_{args.part}"] = {"command": "python " + shlex.join(sys.argv), "commit": git_commit(),
                                 "machine": machine_info(), "wall_seconds": round(time.perf_counter() - t0, 1),
-                                "steps": args.steps, "prompts": args.prompts, "lr": args.lr, "draws": args.draws, "date": time.strftime("%Y-%m-%d")}
+                                "steps": args.steps, "prompts": args.prompts, "lr": args.lr, "draws": args.draws,
+                                "date": time.strftime("%Y-%m-%d")}
     atomic_write_json(args.out / f"{args.part}.json", res)
     print(json.dumps(res, indent=2))
 

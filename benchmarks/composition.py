@@ -9,7 +9,8 @@ cost: the 8 stratified compartments of benchmarks/compartments.py, class-conditi
 weights: one compartment vs 8 dense vs 8 sparse (threshold 0.01): denoiser evaluations, wall time, FID.
 
     python benchmarks/composition.py two-domain --out benchmarks/results/composition
-    python benchmarks/composition.py cost --out benchmarks/results/composition --store benchmarks/results/compartments/store
+    python benchmarks/composition.py cost --out benchmarks/results/composition \
+        --store benchmarks/results/compartments/store
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def _plot_weights(plots: dict, path: Path, steps: int) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(plots), figsize=(4 * len(plots), 3.2), sharey=True)
-    for ax, (name, (w, domain)) in zip(np.atleast_1d(axes), plots.items()):
+    for ax, (name, (w, domain)) in zip(np.atleast_1d(axes), plots.items(), strict=True):
         x = np.arange(w.shape[0])
         for k, label in enumerate(["digits 0-4", "digits 5-9"]):
             sel = domain == k
@@ -116,7 +117,8 @@ def cost(args, bb: Backbone, judge_net: DigitClassifier) -> dict:
         for name, srcs, thr in [("single", names[:1], 0.0), ("dense8", names, 0.0), ("sparse8", names, args.threshold)]:
             comp = ops.compose(st, bb, srcs, weighting="ito", threshold=thr)
             t0 = time.perf_counter()
-            images, _ = generate(comp, schedule=bb.schedule, codec=bb.codec, labels=labels, null_class=bb.config.null_class,
+            images, _ = generate(comp, schedule=bb.schedule, codec=bb.codec, labels=labels,
+                                 null_class=bb.config.null_class,
                                  guidance=2.0, solver="ddpm", steps=args.sample_steps, seed=2, batch_size=len(labels))
             seconds = time.perf_counter() - t0
             write_samples(args.out / "samples", f"cost-{name}", images, labels, nrow=args.n // 10)

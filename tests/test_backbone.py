@@ -183,7 +183,8 @@ def test_wrong_input_shape_is_a_clear_error():
 def _tiny_backbone() -> Backbone:
     from cdm.backbone import PixelCodec
 
-    return Backbone(UViT(UViTConfig(img_size=14, patch_size=7, embed_dim=16, depth=1, num_heads=2)), codec=PixelCodec(28, 14))
+    net = UViT(UViTConfig(img_size=14, patch_size=7, embed_dim=16, depth=1, num_heads=2))
+    return Backbone(net, codec=PixelCodec(28, 14))
 
 
 def test_backbone_save_load_roundtrip(tmp_path):

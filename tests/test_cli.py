@@ -49,8 +49,8 @@ def test_bad_input_is_one_short_line(tiny_backbone, tmp_path):
     for args, needle in [
         (["sample", "--backbone", str(evil), "--out", str(tmp_path / "x")], "pickle"),
         (["sample", "--backbone", str(tmp_path / "missing"), "--out", str(tmp_path / "x")], "no such backbone"),
-        (["sample", "--backbone", str(tiny_backbone), "--solver", "euler", "--steps", "2", "--out", str(tmp_path / "x")],
-         "unknown solver"),
+        (["sample", "--backbone", str(tiny_backbone), "--solver", "euler", "--steps", "2",
+          "--out", str(tmp_path / "x")], "unknown solver"),
         (["sample", "--backbone", str(tiny_backbone), "--classes", "a,b", "--out", str(tmp_path / "x")], "--classes"),
     ]:
         res = _cdm(*args)

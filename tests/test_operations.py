@@ -126,7 +126,8 @@ def test_cli_samples_a_compartment(tmp_path, backbone, parts):
         assert c["images"].shape == (2, 28, 28) and c["labels"].tolist() == [1, 2]
     with Store.open(tmp_path / "st") as st:  # the compartment's denoiser is not the backbone's
         x, t, y = torch.randn(2, 1, 14, 14), torch.tensor([10, 900]), torch.tensor([1, 2])
-        assert not torch.allclose(load_compartment(st, backbone, "s0").denoiser(backbone)(x, t, y), backbone.eps(x, t, y=y))
+        stored = load_compartment(st, backbone, "s0").denoiser(backbone)
+        assert not torch.allclose(stored(x, t, y), backbone.eps(x, t, y=y))
     assert run(app, [*args, "--out", str(tmp_path / "d"), "--store", str(tmp_path / "st"), "--sources", "zz"]).exit_code
 
 

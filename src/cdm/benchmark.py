@@ -292,7 +292,7 @@ def _plot_two_domain(paths: dict, path: Path, steps: int) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(paths), figsize=(3.6 * len(paths), 3.2), sharey=True)
-    for ax, (name, (w, domain)) in zip(np.atleast_1d(axes), paths.items()):
+    for ax, (name, (w, domain)) in zip(np.atleast_1d(axes), paths.items(), strict=True):
         for d, label in enumerate(["read as 0-4", "read as 5-9"]):
             if (domain == d).any():
                 ax.plot(np.arange(w.shape[0]), w[:, domain == d, 0].mean(1), label=label)
@@ -440,7 +440,7 @@ def report(r: dict) -> str:
                   f"- naive clearly worse than composed at {kmax}: naive {t[kmax]['naive']:.2f} vs router "
                   f"{t[kmax]['router']:.2f} -> {'met' if naive_worse else 'MISSED'}",
                   f"- single degrades with more splits: {' -> '.join(f'{s:.2f}' for s in singles)} -> "
-                  f"{'met' if all(a <= b for a, b in zip(singles, singles[1:])) else 'MISSED'}",
+                  f"{'met' if all(a <= b for a, b in zip(singles, singles[1:], strict=False)) else 'MISSED'}",
                   "", "![table 1](table1.png)", ""]
     if "two_domain" in r:
         lines += ["## Figure 1 analog: two disjoint domains (digits 0-4 vs 5-9), unconditional", "",

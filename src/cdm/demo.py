@@ -41,7 +41,8 @@ def write_samples(out: Path, name: str, images: np.ndarray, labels: np.ndarray |
 
 def score_samples(images: np.ndarray, labels: np.ndarray | None, classifier: DigitClassifier, reference) -> dict:
     """Judge accuracy / confidence against requested labels and FID against a reference source."""
-    result = {"n": int(len(images)), "reference": reference.id, "fid": round(fid(classifier, images, reference.images), 3)}
+    result = {"n": int(len(images)), "reference": reference.id,
+              "fid": round(fid(classifier, images, reference.images), 3)}
     if labels is not None:
         j = judge(classifier, images, labels)
         result.update(accuracy=round(j["accuracy"], 4), mean_max_prob=round(j["mean_max_prob"], 4))
@@ -125,7 +126,8 @@ def run_demo(out: Path, *, backbone: Path, classifier: Path, per_class: int = 10
         j = judge(judge_net, imgs, lab)
         comps["composed"] = {"accuracy": round(j["accuracy"], 4), "routed_to_owner": round(routed, 4),
                              "evals": int(composed.evals)}
-        log(f"composed (ito): accuracy {j['accuracy']:.3f}; {routed:.1%} of samples end on the compartment of their digit")
+        log(f"composed (ito): accuracy {j['accuracy']:.3f}; {routed:.1%} of samples end on the compartment of "
+            "their digit")
         forgotten = forget_source(st, "digits-5-9", reason="demo: the owner withdrew consent")
         remaining = [s["id"] for s in st.sources()]
         audit = st.audit_log(limit=6)

@@ -94,7 +94,8 @@ def state_dict_sha256(state: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def save_state_dict(path: str | os.PathLike, state: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def save_state_dict(path: str | os.PathLike, state: Mapping[str, torch.Tensor],
+                    metadata: dict[str, str] | None = None) -> None:
     """Save tensors as safetensors, atomically."""
     path = Path(path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}

@@ -22,10 +22,10 @@ from .errors import CdmError
 from .store import Store, StoreError
 from .training.compartment import train_compartment
 
-__all__ = ["add_source", "compose", "train_paragon", "forget_source", "forget_samples", "load_compartment", "source_data",
-           "PARAGON", "LEARNED_WEIGHTINGS", "ROUTER_CIDS", "ISOLATED_KIND", "head_cid", "load_weighting",
-           "train_router_op", "train_isolated_op"]
-__all__ += ["add_source_dp", "attribute_samples"]  # privacy and attribution (cdm.privacy, cdm.attribution)
+__all__ = ["add_source", "compose", "train_paragon", "forget_source", "forget_samples", "load_compartment",
+           "source_data", "PARAGON", "LEARNED_WEIGHTINGS", "ROUTER_CIDS", "ISOLATED_KIND", "head_cid", "load_weighting",
+           "train_router_op", "train_isolated_op",
+           "add_source_dp", "attribute_samples"]  # privacy and attribution (cdm.privacy, cdm.attribution)
 
 PARAGON = "paragon"
 _DATA = "source.npz"

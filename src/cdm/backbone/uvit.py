@@ -118,7 +118,8 @@ class Attention(nn.Module):
         b, n, d = x.shape
         return self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, gate: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                gate: torch.Tensor | None = None) -> torch.Tensor:
         """Self-attention over ``x``. With ``context`` (B, P, D) and ``gate`` (B, H): plus a separate attention
         from ``x`` to the context tokens, scaled per head by ``gate`` (zero gate: exactly plain attention)."""
         b, n, d = x.shape
@@ -259,8 +260,8 @@ class UViT(nn.Module):
             raise ValueError(f"expected input (B, {c.in_chans}, {c.img_size}, {c.img_size}), got {tuple(x.shape)}")
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(x.shape[0])
-        if prompts is not None and (prompts.ndim != 4 or prompts.shape[1] != c.n_blocks or prompts.shape[3] != c.embed_dim
-                                    or prompts.shape[0] not in (1, x.shape[0])):
+        if prompts is not None and (prompts.ndim != 4 or prompts.shape[1] != c.n_blocks
+                                    or prompts.shape[3] != c.embed_dim or prompts.shape[0] not in (1, x.shape[0])):
             raise ValueError(f"prompts must be (B or 1, {c.n_blocks}, P, {c.embed_dim}), got {tuple(prompts.shape)}")
         if prompt_gate is not None and (prompts is None or prompt_gate.shape[1:] != (c.n_blocks, c.num_heads)
                                         or prompt_gate.shape[0] not in (1, x.shape[0])):

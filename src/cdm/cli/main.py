@@ -129,7 +129,7 @@ def sample(
         atomic_write_bytes(out / "weights.npz", buf.getvalue())
         final = traj[-1, : len(images)].mean(0)
         msg += (f"; {composed.evals} denoiser evaluations in the last batch; mean final weights "
-                + ", ".join(f"{k}={v:.2f}" for k, v in zip(names, final)) + f" -> {out / 'weights.npz'}")
+                + ", ".join(f"{k}={v:.2f}" for k, v in zip(names, final, strict=True)) + f" -> {out / 'weights.npz'}")
     console.print(msg)
 
 
@@ -273,7 +273,8 @@ def add(
         console.print(f"paused at step {rec['steps_done']}/{steps}; run the same command to resume")
         return
     console.print(f"compartment '{name}': {len(source)} samples, {rec['steps_done']} steps, "
-                  f"{rec['wall_seconds']:.1f} s, loss {rec['final_loss']:.4f}, weights {out['row']['weights_sha256'][:12]}")
+                  f"{rec['wall_seconds']:.1f} s, loss {rec['final_loss']:.4f}, "
+                  f"weights {out['row']['weights_sha256'][:12]}")
     if rec.get("dp"):
         d = rec["dp"]
         console.print(f"DP: epsilon {d['epsilon']:.3f} (target {d['target_epsilon']:g}, {d['accountant']}) at delta "

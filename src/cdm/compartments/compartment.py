@@ -38,7 +38,7 @@ class CompartmentConfig:
     #                     joint-softmax deep prompts (start perturbed: held-out loss 0.123 vs the backbone's 0.077)
     steps: int = 2000  # optimiser steps
     batch_size: int = 64
-    lr: float = 0.01  # Adam; gated, 450 digits, step 100: held-out loss 0.0787 at lr 0.1, 0.0772 at 0.01 (backbone 0.0769)
+    lr: float = 0.01  # Adam; gated, 450 digits, step 100: held-out 0.0787 at lr 0.1, 0.0772 at 0.01 (backbone 0.0769)
     lr_schedule: str = "cosine"  # "constant" or "cosine" (to 10% of lr) after warm-up
     warmup: int = 50  # linear warm-up steps
     label_dropout: float = 0.1  # share of samples trained on the unconditional row (conditional only)

@@ -51,7 +51,8 @@ class ComposedDenoiser:
     ``record=True`` keeps the weights of every call (``trajectory()``: steps x B x n).
     """
 
-    def __init__(self, bank: Callable | Sequence[Denoiser], weighting: Weighting, *, priors: Sequence[float] | None = None,
+    def __init__(self, bank: Callable | Sequence[Denoiser], weighting: Weighting, *,
+                 priors: Sequence[float] | None = None,
                  threshold: float = 0.0, record: bool = True):
         self.bank = bank if callable(bank) and not isinstance(bank, (list, tuple)) else CallableBank(bank)
         n = len(self.bank)

@@ -30,7 +30,8 @@ def _ddim(schedule: NoiseSchedule, clip: bool):
     from diffusers import DDIMScheduler
 
     return DDIMScheduler(**schedule.scheduler_kwargs(), clip_sample=clip, clip_sample_range=1.0,
-                         set_alpha_to_one=True, timestep_spacing="trailing"), {"eta": 0.0, "use_clipped_model_output": True}
+                         set_alpha_to_one=True, timestep_spacing="trailing"), {"eta": 0.0,
+                                                                               "use_clipped_model_output": True}
 
 
 def _dpmpp2m(schedule: NoiseSchedule, clip: bool):

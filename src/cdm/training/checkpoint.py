@@ -15,7 +15,8 @@ from ..io import load_state_dict, save_state_dict
 __all__ = ["load_checkpoint", "save_checkpoint"]
 
 
-def save_checkpoint(path: Path, net: nn.Module, ema: nn.Module | None, opt: torch.optim.Optimizer, header: dict) -> None:
+def save_checkpoint(path: Path, net: nn.Module, ema: nn.Module | None, opt: torch.optim.Optimizer,
+                    header: dict) -> None:
     names = {id(p): n for n, p in net.named_parameters()}
     tensors = {f"net.{k}": v for k, v in net.state_dict().items()}
     if ema is not None:

@@ -178,7 +178,8 @@ def _train_compartment(
     return (comp if record["finished"] else None), record
 
 
-def train_compartment(backbone: Backbone, source: Source, cfg: CompartmentConfig, **kwargs) -> tuple[Compartment | None, dict]:
+def train_compartment(backbone: Backbone, source: Source, cfg: CompartmentConfig,
+                      **kwargs) -> tuple[Compartment | None, dict]:
     """Train a compartment; returns ``(compartment, record)``, or ``(None, record)`` if ``max_minutes`` paused it.
 
     Keywords: ``work_dir`` (resumable checkpoint; a finished run leaves it for the caller to clear),

@@ -13,7 +13,8 @@ from ..sampling import Denoiser, NoiseSchedule
 __all__ = ["draw_noise", "eps_loss", "held_out_loss"]
 
 
-def draw_noise(x0: torch.Tensor, schedule: NoiseSchedule, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def draw_noise(x0: torch.Tensor, schedule: NoiseSchedule,
+               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Uniform integer timesteps and standard normal noise for a batch."""
     t = torch.randint(0, schedule.num_train_timesteps, (x0.shape[0],), generator=generator)
     noise = torch.randn(x0.shape, generator=generator)

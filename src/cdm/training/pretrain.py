@@ -161,7 +161,7 @@ def _pretrain(cfg: PretrainConfig, out: str | Path, *, max_minutes: float | None
             opt.step()
             d = min(cfg.ema_decay, (1 + step) / (10 + step))
             with torch.no_grad():
-                for pe, p in zip(ema.parameters(), net.parameters()):
+                for pe, p in zip(ema.parameters(), net.parameters(), strict=True):
                     pe.lerp_(p, 1 - d)
             step += 1
             losses.append(round(loss.item(), 5))
