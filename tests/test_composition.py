@@ -138,3 +138,19 @@ def test_compartment_bank_matches_separate_calls():
     with torch.no_grad():
         out = composed(x, t, y=y)
     assert out.shape == x.shape and composed.evals == 15
+
+
+def test_class_priors_route_each_class_to_the_sources_that_hold_it():
+    a = lambda x, t, **_: torch.full_like(x, 1.0)  # noqa: E731
+    b = lambda x, t, **_: torch.full_like(x, -1.0)  # noqa: E731
+    comp = ComposedDenoiser([a, b], NaiveWeighting(), priors=[1.0, 3.0],
+                            class_priors=[[5, 0, 2], [0, 5, 2]])  # class 0 only in a, 1 only in b, 2 in both
+    x, t = torch.zeros(4, 1, 2, 2), torch.full((4,), 500)
+    y = torch.tensor([0, 1, 2, 9])  # 9: not a class of the table (the null label) -> the global priors
+    out = comp(x, t, y=y)
+    assert torch.equal(out[0], torch.ones(1, 2, 2)) and torch.equal(out[1], -torch.ones(1, 2, 2))
+    assert torch.allclose(out[2], torch.zeros(1, 2, 2), atol=1e-6)  # 2 vs 2 samples: equal weights
+    assert torch.allclose(out[3], torch.full((1, 2, 2), 0.25 - 0.75), atol=1e-6)  # lambda = 1/4, 3/4
+    assert comp.evals == 6  # rows 0 and 1 evaluated one source only
+    with pytest.raises(ValueError, match="class_priors"):
+        ComposedDenoiser([a, b], NaiveWeighting(), class_priors=[[1, 2, 3]])

@@ -11,6 +11,8 @@ deletes them with everything else derived from it.
 from __future__ import annotations
 
 import time
+
+import numpy as np
 from pathlib import Path
 
 import torch
@@ -208,13 +210,15 @@ def forget_samples(store: Store, backbone: Backbone, name: str, sample_ids: list
 
 
 def compose(store: Store, backbone: Backbone, names: list[str], *, weighting: str = "ito", threshold: float = 0.0,
-            priors: list[float] | None = None, seed: int = 0):
+            priors: list[float] | None = None, seed: int = 0, class_conditional_priors: bool = True):
     """A composed denoiser over stored compartments (default priors: proportional to source size).
 
     ``weighting``: ``ito``, ``naive``, ``single``, or a learned one read from the store: ``router`` (stored cid
     "router"), ``classifier`` (cid "noisy-classifier"), both trained on these sources or a superset (their
     logits for the requested sources are used, in order), or ``isolated`` (each source's own head
-    "<source>.head"). Missing learned weights: a :class:`CdmError` naming the ``cdm train-router`` command."""
+    "<source>.head"). Missing learned weights: a :class:`CdmError` naming the ``cdm train-router`` command.
+    Class-conditional compartments get per-class priors ``lambda_i(y)`` proportional to source i's samples of
+    class y (``class_conditional_priors``); ``priors`` apply to the unconditional (null-class) branch."""
     from .composition import WEIGHTINGS, CompartmentBank, ComposedDenoiser
 
     if weighting not in WEIGHTINGS or weighting == "oracle":
@@ -225,6 +229,7 @@ def compose(store: Store, backbone: Backbone, names: list[str], *, weighting: st
     comps = [load_compartment(store, backbone, n) for n in names]
     if priors is None:
         priors = [float(store.source(n)["n"]) for n in names]
+    class_priors = _class_counts(store, names, comps) if class_conditional_priors else None
     if weighting == "ito":
         w = WEIGHTINGS["ito"](backbone.schedule)
     elif weighting == "single":
@@ -233,7 +238,26 @@ def compose(store: Store, backbone: Backbone, names: list[str], *, weighting: st
         w = load_weighting(store, backbone, names, weighting)
     else:
         w = WEIGHTINGS[weighting]()
-    return ComposedDenoiser(CompartmentBank(backbone, comps), w, priors=priors, threshold=threshold)
+    return ComposedDenoiser(CompartmentBank(backbone, comps), w, priors=priors, class_priors=class_priors,
+                            threshold=threshold)
+
+
+def _class_counts(store: Store, names: list[str], comps: list[Compartment]) -> np.ndarray | None:
+    """(sources, classes) sample counts from the stored samples, for lambda_i(y) = n_i(y) / sum_j n_j(y): a
+    source that holds no sample of class y gets no weight for y (its class-y prompts were never trained, so
+    they are only the public backbone). None when the compartments are unconditional or data is missing."""
+    if not comps or not all(c.config.conditional for c in comps):
+        return None
+    counts = np.zeros((len(names), comps[0].num_classes), dtype=np.float64)
+    for i, n in enumerate(names):
+        try:
+            labels = source_data(store, n).labels
+        except StoreError:
+            return None
+        if labels is None:
+            return None
+        counts[i] = np.bincount(labels, minlength=counts.shape[1])[: counts.shape[1]]
+    return counts
 
 
 # ----------------------------------------------------------------------------------------------- learned weightings

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 from ..sampling import Denoiser
@@ -52,7 +53,7 @@ class ComposedDenoiser:
     """
 
     def __init__(self, bank: Callable | Sequence[Denoiser], weighting: Weighting, *,
-                 priors: Sequence[float] | None = None,
+                 priors: Sequence[float] | None = None, class_priors=None,
                  threshold: float = 0.0, record: bool = True):
         self.bank = bank if callable(bank) and not isinstance(bank, (list, tuple)) else CallableBank(bank)
         n = len(self.bank)
@@ -65,6 +66,15 @@ class ComposedDenoiser:
             raise ValueError(f"threshold must be in [0, 1), got {threshold}")
         self.n = n
         self.log_prior = (lam / lam.sum()).log()
+        # lambda_i(y) for class-conditional composition: (n, C) counts of class y in source i, so a source
+        # without a class gets weight 0 for it; rows of other labels (the null class) use ``priors``.
+        self.class_log_prior = None
+        if class_priors is not None:
+            cp = torch.as_tensor(np.asarray(class_priors), dtype=torch.float64)
+            if cp.ndim != 2 or cp.shape[0] != n or not torch.isfinite(cp).all() or (cp < 0).any():
+                raise ValueError(f"class_priors must be non-negative, shaped ({n}, classes); got {tuple(cp.shape)}")
+            total = cp.sum(0, keepdim=True)
+            self.class_log_prior = torch.where(total > 0, cp / total.clamp(min=1e-300), torch.nan).log()
         self.weighting = weighting
         self.threshold = threshold
         self.record = record
@@ -86,16 +96,28 @@ class ComposedDenoiser:
     def times(self) -> torch.Tensor:
         return torch.stack(self._times) if self._times else torch.empty(0, 0, dtype=torch.long)
 
+    def row_log_prior(self, y: torch.Tensor | None, b: int) -> torch.Tensor:
+        """(B, n) log lambda of each row: by class when class priors are set and the row's label has any."""
+        lp = self.log_prior.unsqueeze(0).expand(b, -1)
+        if self.class_log_prior is None or y is None:
+            return lp
+        y = torch.as_tensor(y).long().reshape(-1).cpu()
+        y = y.expand(b) if y.numel() == 1 else y
+        known = (y >= 0) & (y < self.class_log_prior.shape[1])
+        by_class = self.class_log_prior[:, y.clamp(0, self.class_log_prior.shape[1] - 1)].T  # (B, n)
+        use = known & ~by_class.isnan().any(1)
+        return torch.where(use.unsqueeze(1), by_class, lp)
+
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         b, n = x.shape[0], self.n
+        log_prior = self.row_log_prior(cond.get("y"), b)
         if self.active is None or self.active.shape[0] != b:
             self.reset()
             self.active = torch.ones(b, n, dtype=torch.bool)
-            if self.log_prior.isinf().any():  # a zero prior: never evaluate that source
-                self.active &= ~self.log_prior.isinf().unsqueeze(0)
+        self.active &= ~log_prior.isinf()  # a zero prior: never evaluate that source for that row
         if isinstance(self.weighting, SingleWeighting):  # only the drawn source is ever evaluated
-            k = self.weighting.choose(b, self.log_prior)
+            k = self.weighting.choose(b, log_prior)
             self.active = torch.nn.functional.one_hot(k, n).bool()
         rows, idx = self.active.nonzero(as_tuple=True)
         sub = {k: (v[rows] if torch.is_tensor(v) and v.ndim and v.shape[0] == b else v) for k, v in cond.items()}
@@ -111,8 +133,7 @@ class ComposedDenoiser:
         self.calls += 1
         eps = torch.zeros((b, n, *x.shape[1:]), dtype=eps_rows.dtype, device=x.device)
         eps[rows, idx] = eps_rows
-        logits = self.log_prior.unsqueeze(0) + self.weighting.log_likelihood(x, t, eps, self.active, self.log_prior,
-                                                                             **extra)
+        logits = log_prior + self.weighting.log_likelihood(x, t, eps, self.active, log_prior, **extra)
         logits = logits.masked_fill(~self.active, float("-inf"))
         w = logits.softmax(dim=1)
         if self.threshold > 0:

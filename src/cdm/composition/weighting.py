@@ -58,7 +58,7 @@ class Weighting(Protocol):
     def log_likelihood(self, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, active: torch.Tensor,
                        log_prior: torch.Tensor, **extra) -> torch.Tensor:
         """``x`` (B, ...), ``t`` (B,), ``eps`` (B, n, ...) for active pairs (others are zero), ``active`` (B, n)
-        bool, ``log_prior`` (n,). Returns (B, n). A weighting with ``needs_mid = True`` also gets ``mid``
+        bool, ``log_prior`` (B, n). Returns (B, n). A weighting with ``needs_mid = True`` also gets ``mid``
         (B, n, L, D): the tokens after the backbone's mid block in each (sample, compartment) forward."""
 
 
@@ -86,7 +86,7 @@ class SingleWeighting:
 
     def choose(self, batch: int, log_prior: torch.Tensor) -> torch.Tensor:
         if self.choice is None or self.choice.shape[0] != batch:
-            probs = log_prior.double().softmax(0)
+            probs = log_prior.double().softmax(-1)  # (n,) or (B, n)
             self.choice = torch.multinomial(probs.expand(batch, -1), 1, generator=self.generator)[:, 0]
         return self.choice
 
