@@ -60,3 +60,5 @@ def test_demo_runs_end_to_end(tmp_path):
         assert (tmp_path / name).stat().st_size > 0
     assert res["forget"]["remaining_sources"] == ["digits-0-4"] and res["forget"]["store_problems"] == []
     assert json.loads((tmp_path / "results.json").read_text())["backbone"]["n"] == 10
+    assert res["compartments"]["composed"]["routed_to_owner"] == 1.0  # class priors: each digit to its owner
+    assert (tmp_path / "composed-unconditional.npz").stat().st_size > 0

@@ -18,7 +18,7 @@ import numpy as np
 from .backbone import Backbone
 from .compartments import CompartmentConfig
 from .data import load_source
-from .evaluation import DigitClassifier, fid, judge
+from .evaluation import DigitClassifier, classify, fid, judge
 from .generation import generate, sample_backbone
 from .io import atomic_write_bytes, atomic_write_json
 from .operations import add_source, compose, forget_source, load_compartment
@@ -54,14 +54,16 @@ def score_samples(images: np.ndarray, labels: np.ndarray | None, classifier: Dig
 
 
 def plot_weights(w: np.ndarray, labels: np.ndarray, path: Path) -> None:
-    """Mean weight of the digits-0-4 compartment over sampling steps, for samples asked to be 0-4 vs 5-9."""
+    """Mean weight of the digits-0-4 compartment over sampling steps, for samples labelled 0-4 vs 5-9."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    for sel, name in [(labels < 5, "asked for 0-4"), (labels >= 5, "asked for 5-9")]:
+    for sel, name in [(labels < 5, "became 0-4"), (labels >= 5, "became 5-9")]:
+        if not sel.any():
+            continue
         ax.plot(np.arange(w.shape[0]), w[:, sel, 0].mean(1), label=name)
     ax.set_xlabel("sampling step")
     ax.set_ylabel("weight of the digits-0-4 compartment")
@@ -120,14 +122,24 @@ def run_demo(out: Path, *, backbone: Path, classifier: Path, per_class: int = 10
                            guidance=2.0, solver="ddpm", steps=50, seed=seed, trajectories=traj)
         write_samples(out, "composed", imgs, lab, nrow=per_class)
         w = np.concatenate([t.numpy() for t in traj], axis=1)[:, : len(lab)]  # conditional half: (steps, N, 2)
-        plot_weights(w, lab, out / "weights.png")
-        final = w[-1].argmax(1)
-        routed = float(np.mean(final == (lab >= 5)))
+        routed = float(np.mean(w[-1].argmax(1) == (lab >= 5)))
         j = judge(judge_net, imgs, lab)
+        # unconditional: no label, so no class prior; the Ito weights alone decide which source explains a sample
+        composed = compose(st, bb, list(DEMO_SOURCES), weighting="ito")
+        traj = []
+        u_imgs, _ = generate(composed, schedule=bb.schedule, codec=bb.codec, n=10 * per_class, solver="ddpm",
+                             steps=50, seed=seed + 1, trajectories=traj)
+        write_samples(out, "composed-unconditional", u_imgs, None, nrow=per_class)
+        u_w = np.concatenate([t.numpy() for t in traj], axis=1)
+        pred, prob, _ = classify(judge_net, u_imgs)
+        confident = prob >= 0.8
+        plot_weights(u_w[:, confident], pred[confident], out / "weights.png")
+        agree = float(np.mean(u_w[-1].argmax(1)[confident] == (pred[confident] >= 5))) if confident.any() else None
         comps["composed"] = {"accuracy": round(j["accuracy"], 4), "routed_to_owner": round(routed, 4),
-                             "evals": int(composed.evals)}
-        log(f"composed (ito): accuracy {j['accuracy']:.3f}; {routed:.1%} of samples end on the compartment of "
-            "their digit")
+                             "evals": int(composed.evals), "unconditional_confident": round(float(confident.mean()), 4),
+                             "unconditional_weight_agrees": None if agree is None else round(agree, 4)}
+        log(f"composed (ito): accuracy {j['accuracy']:.3f}; unconditional: {confident.mean():.1%} read confidently, "
+            f"of which {agree or 0:.1%} end with most weight on the compartment of their digit")
         forgotten = forget_source(st, "digits-5-9", reason="demo: the owner withdrew consent")
         remaining = [s["id"] for s in st.sources()]
         audit = st.audit_log(limit=6)
@@ -177,15 +189,23 @@ the backbone is untouched. Samples from each compartment alone (its own classes,
 
 ## 3. Composition
 
-Both compartments composed, `eps = w_0-4 eps_0-4 + w_5-9 eps_5-9`, with weights from the Ito density estimator
-(no training; ancestral sampler, 50 steps, guidance 2), all ten digits asked for. Judge accuracy
-{comp['accuracy']:.3f}; {comp['routed_to_owner']:.1%} of the samples end with most weight on the compartment whose
-source holds their digit; {comp['evals']} denoiser evaluations for the last batch.
+Both compartments composed, `eps = w_0-4 eps_0-4 + w_5-9 eps_5-9`, w the posterior that the noisy sample came
+from each source (Prop. 3.1). All ten digits asked for (ancestral sampler, 50 steps, guidance 2): a digit's prior
+`lambda_i(y)` is source i's share of that digit, so each digit is drawn by the compartment that holds it
+({comp['routed_to_owner']:.1%} of the samples); judge accuracy {comp['accuracy']:.3f}.
 
 ![composed samples](composed.png)
 
-The weight of the digits-0-4 compartment over the sampling steps, averaged over samples (starts at lambda = its
-share of the data, then each sample commits to the source that can explain it):
+Unconditional samples (no label, so no class prior): the Itô density estimator alone decides, from the sampling
+path, which source explains each sample ({10 * per_class} samples, 50 steps, no guidance, no training).
+{comp['unconditional_confident']:.1%} are read confidently as a digit by the classifier; of those,
+{(comp['unconditional_weight_agrees'] or 0):.1%} end with most weight on the compartment whose source holds that
+digit; {comp['evals']} denoiser evaluations.
+
+![unconditional composed samples](composed-unconditional.png)
+
+The weight of the digits-0-4 compartment over the sampling steps, averaged over the confident unconditional
+samples by the digit they became (starts at lambda = 1/2, then each sample commits to a source):
 
 ![weights](weights.png)
 
