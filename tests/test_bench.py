@@ -35,6 +35,7 @@ def test_toy_bench_writes_the_documented_schema(toy):
     assert set(res["memorization"]) == {"paragon", "router", "isolated", "ito", "naive", "single"}
     assert all(0 <= v <= 1 for v in res["memorization"].values())
     assert res["meta"]["profile"] == "toy" and set(res["meta"]["part_seconds"]) == set(PARTS)
+    assert set(res["table1_selection"]["2"]["best_steps"]) == {"s0", "s1"}
     samples = np.load(out / "samples" / "table1-k2-router.npz")
     assert samples["images"].shape == (20, 28, 28) and samples["images"].dtype == np.uint8
     assert list(samples["labels"]) == list(np.repeat(np.arange(10), 2))

@@ -408,9 +408,24 @@ def run_bench(profile: str | BenchProfile, out: str | Path, *, backbone: str | P
                        **(meta or {})}
     if "table1" in results:
         _plot_table1(results["table1"], out / "table1.png")
+        results["table1_selection"] = _selection(out, profile)
     atomic_write_json(out / "results.json", results)
     atomic_write_bytes(out / "report.md", report(results).encode())
     return results
+
+
+def _selection(out: Path, profile: BenchProfile) -> dict:
+    """Per split: the step each compartment kept (validation; 0 means it is exactly the backbone)."""
+    res = {}
+    for k in profile.splits:
+        path = out / "stores" / f"k{k}"
+        if not (path / "registry.sqlite").exists():
+            continue
+        with Store.open(path) as st:
+            steps = {r["cid"]: (st.compartment(r["cid"])["manifest"].get("validation") or {}).get("best_step")
+                     for r in st.compartments(kind="compartment")}
+        res[str(k)] = {"best_steps": steps, "at_backbone": sum(1 for v in steps.values() if v == 0)}
+    return res
 
 
 def _jsonable(d: dict) -> dict:
@@ -441,7 +456,13 @@ def report(r: dict) -> str:
                   f"{t[kmax]['router']:.2f} -> {'met' if naive_worse else 'MISSED'}",
                   f"- single degrades with more splits: {' -> '.join(f'{s:.2f}' for s in singles)} -> "
                   f"{'met' if all(a <= b for a, b in zip(singles, singles[1:], strict=False)) else 'MISSED'}",
-                  "", "![table 1](table1.png)", ""]
+                  ""]
+        for k, v in sorted(r.get("table1_selection", {}).items(), key=lambda kv: int(kv[0])):
+            if v["at_backbone"]:
+                lines.append(f"- {k} sources: {v['at_backbone']} of {k} compartments kept step 0 on their "
+                             "validation slice, i.e. are exactly the backbone (training only raised their validation "
+                             "loss at this budget); composing identical compartments cannot differ from one.")
+        lines += ["", "![table 1](table1.png)", ""]
     if "two_domain" in r:
         lines += ["## Figure 1 analog: two disjoint domains (digits 0-4 vs 5-9), unconditional", "",
                   "| weighting | confident share | domain split of confident (0-4, 5-9) | dominant weight = domain |",
