@@ -39,7 +39,10 @@ def test_toy_bench_writes_the_documented_schema(toy):
     samples = np.load(out / "samples" / "table1-k2-router.npz")
     assert samples["images"].shape == (20, 28, 28) and samples["images"].dtype == np.uint8
     assert list(samples["labels"]) == list(np.repeat(np.arange(10), 2))
-    for f in ("report.md", "table1.png", "two_domain_weights.png", "continual.png"):
+    assert set(res["dp"]) == {"3", "8", "inf"} and res["dp"]["inf"]["epsilon"] is None
+    assert 0 < res["dp"]["3"]["epsilon"] <= 3.05 and res["dp"]["3"]["dp"]["noise_multiplier"] > 0
+    assert 0 <= res["attribution"]["same_domain_entropy"] <= 1
+    for f in ("report.md", "table1.png", "two_domain_weights.png", "continual.png", "credit.png"):
         assert (out / f).stat().st_size > 0
     assert "Table 1 analog" in (out / "report.md").read_text()
 

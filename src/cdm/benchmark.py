@@ -66,21 +66,24 @@ class BenchProfile:
     two_domain_n: int = 200  # unconditional samples per two-domain weighting
     continual_n: int = 200  # samples per continual / drop step
     threshold: float = 0.01  # sparse gating: compartments below this weight are skipped
+    dp_steps: int = 300  # steps of each DP / non-DP unconditional compartment on all protected digits
+    dp_epsilons: tuple[float, ...] = (3.0, 8.0)  # DP-SGD targets (plus one compartment without DP)
+    attribution_n: int = 100  # unconditional samples attributed per setting
     seed: int = 0
 
 
 PROFILES: dict[str, BenchProfile] = {
     # seconds: keeps the code path alive in CI (numbers mean nothing)
     "toy": BenchProfile(splits=(2,), budget=4, head_steps=2, n=20, sample_steps=3, two_domain_steps=2,
-                        two_domain_n=10, continual_n=10, bf16=False),
+                        two_domain_n=10, continual_n=10, bf16=False, dp_steps=3, attribution_n=4),
     # what a new user runs: under 25 minutes on 2 cores
     "quick": BenchProfile(budget=400, head_steps=100, n=200, sample_steps=25, two_domain_steps=200, two_domain_n=100,
-                          continual_n=100),
+                          continual_n=100, dp_steps=60, attribution_n=60),
     # the README's numbers
     "full": BenchProfile(),
 }
 
-PARTS = ("paragon", "table1", "two_domain", "cost", "continual", "forget", "memorization")
+PARTS = ("paragon", "table1", "two_domain", "cost", "continual", "forget", "memorization", "dp", "attribution")
 METHODS = ("router", "isolated", "ito", "naive", "single")
 DOMAINS = {"low": "mnist/protected/classes[0-4|5-9]-0", "high": "mnist/protected/classes[0-4|5-9]-1"}
 
@@ -177,13 +180,9 @@ class _Bench:
         return {"table1": rows, "table1_detail": detail}
 
     def two_domain(self) -> dict:
-        st = self.store("two-domain")
+        st = self.two_domain_store()
         have = {r["cid"] for r in st.compartments()}
         names = list(DOMAINS)
-        for name, spec in DOMAINS.items():
-            if name not in have:
-                ops.add_source(st, self.bb, load_source(spec), name=name,
-                               cfg=self.cfg(self.p.two_domain_steps, conditional=False), progress=self.progress)
         if "router" not in have:
             ops.train_router_op(st, self.bb, names, kind="router", steps=self.p.head_steps, seed=self.p.seed,
                                 progress=self.progress)
@@ -285,6 +284,98 @@ class _Bench:
         return {"memorization": shares, "memorization_detail": out}
 
 
+    def dp(self) -> dict:
+        """Unconditional compartments on all protected digits: DP-SGD at each target epsilon and one without."""
+        from .privacy import DPConfig, train_compartment_dp
+        from .training.compartment import train_compartment
+
+        cfg = replace(self.cfg(self.p.dp_steps, conditional=False), validation=0.0,
+                      warmup=max(1, min(50, self.p.dp_steps // 4)))
+        out = {}
+        for key in [*(f"{e:g}" for e in self.p.dp_epsilons), "inf"]:
+            t0 = time.perf_counter()
+            if key == "inf":
+                comp, rec = train_compartment(self.bb, self.protected, cfg, progress=self.progress)
+            else:
+                comp, rec = train_compartment_dp(self.bb, self.protected, cfg, DPConfig(epsilon=float(key)),
+                                                 progress=self.progress)
+            res = self.sample(comp.denoiser(self.bb), f"dp-eps{key}", n=self.p.two_domain_n)
+            out[key] = {"epsilon": None if rec["dp"] is None else rec["dp"]["epsilon"], "fid": res["fid"],
+                        "train_seconds": round(time.perf_counter() - t0 - res["seconds"], 1), "dp": rec["dp"]}
+            print(f"dp eps={key}: achieved {out[key]['epsilon']}, FID {res['fid']}", flush=True)
+        return {"dp": out}
+
+    def attribution(self) -> dict:
+        """Likelihood credit along the probability-flow ODE: the two-domain compartments (different domains) and
+        the 2-way stratified split (one domain, unconditional rows)."""
+        from .attribution import attribute, normalised_entropy
+        from .composition import CompartmentBank
+
+        self.two_domain_store().close()
+        settings = {"two_domain": (self.out / "stores" / "two-domain", list(DOMAINS)),
+                    "same_domain": (self.out / "stores" / f"k{min(self.p.splits)}",
+                                    [f"s{j}" for j in range(min(self.p.splits))])}
+        self.stratified_store(min(self.p.splits))[0].close()
+        m = self.bb.codec.model_size
+        noise = torch.randn((self.p.attribution_n, 1, m, m), generator=torch.Generator().manual_seed(self.p.seed + 5))
+        res = {}
+        for key, (path, names) in settings.items():
+            with Store.open(path) as st:
+                comps = [ops.load_compartment(st, self.bb, n) for n in names]
+            parts = [attribute(CompartmentBank(self.bb, comps), noise[s:s + 50], schedule=self.bb.schedule,
+                               priors=[1.0] * len(names), steps=self.p.sample_steps, probes=2, seed=s)
+                     for s in range(0, len(noise), 50)]
+            credit = np.concatenate([p["credit"] for p in parts])
+            images = self.bb.codec.decode(torch.as_tensor(np.concatenate([p["x0"] for p in parts])))
+            write_samples(self.out / "samples", f"attribution-{key}", images, None, nrow=20)
+            res[key] = (credit, images)
+        credit, images = res["two_domain"]
+        pred, prob, _ = classify(self.clf, images)
+        confident = prob >= 0.8
+        top = np.clip(credit, 0, None).argmax(1)
+        domain = (pred >= 5).astype(int)
+        _plot_credit(res["two_domain"][0], res["same_domain"][0], domain, confident, self.out / "credit.png")
+        return {"attribution": {
+            "two_domain_top1": round(float((top[confident] == domain[confident]).mean()), 4) if confident.any()
+            else None,
+            "two_domain_confident": int(confident.sum()),
+            "same_domain_entropy": round(float(normalised_entropy(res["same_domain"][0]).mean()), 4),
+            "two_domain_entropy": round(float(normalised_entropy(credit).mean()), 4)}}
+
+    def two_domain_store(self) -> Store:
+        st = self.store("two-domain")
+        have = {r["cid"] for r in st.compartments()}
+        for name, spec in DOMAINS.items():
+            if name not in have:
+                ops.add_source(st, self.bb, load_source(spec), name=name,
+                               cfg=self.cfg(self.p.two_domain_steps, conditional=False), progress=self.progress)
+        return st
+
+
+def _plot_credit(two: np.ndarray, same: np.ndarray, domain: np.ndarray, confident: np.ndarray, path: Path) -> None:
+    """Figure 5 analog: the credit of the first source per sample, different vs same domain."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2), sharey=True)
+    bins = np.linspace(-0.25, 1.25, 31)
+    for d, label in enumerate(["read as 0-4", "read as 5-9"]):
+        sel = confident & (domain == d)
+        if sel.any():
+            axes[0].hist(two[sel, 0], bins=bins, alpha=0.6, label=label)
+    axes[0].set_title("different domains: credit of digits 0-4")
+    if confident.any():
+        axes[0].legend(fontsize=7)
+    axes[1].hist(same[:, 0], bins=bins, alpha=0.8, color="grey")
+    axes[1].set_title("one domain (2 stratified halves): credit of half 0")
+    for ax in axes:
+        ax.set_xlabel("credit")
+    axes[0].set_ylabel("samples")
+    _save(fig, path)
+
+
 def _plot_two_domain(paths: dict, path: Path, steps: int) -> None:
     import matplotlib
 
@@ -369,8 +460,11 @@ def run_bench(profile: str | BenchProfile, out: str | Path, *, backbone: str | P
     out = Path(out)
     (out / "parts").mkdir(parents=True, exist_ok=True)
     prof_file = out / "profile.json"
-    if prof_file.exists() and json.loads(prof_file.read_text()) != _jsonable(asdict(profile)):
-        raise ValueError(f"{out} holds a run with another profile; use another --out or delete it")
+    current = _jsonable(asdict(profile))
+    if prof_file.exists():  # fields added to the profile since that run are fine; changed ones are not
+        old = json.loads(prof_file.read_text())
+        if any(old[k] != current.get(k) for k in old):
+            raise ValueError(f"{out} holds a run with another profile; use another --out or delete it")
     atomic_write_json(prof_file, _jsonable(asdict(profile)))
     bench = _Bench(profile, out, Backbone.from_pretrained(backbone), DigitClassifier.from_pretrained(classifier),
                    progress)
@@ -388,6 +482,8 @@ def run_bench(profile: str | BenchProfile, out: str | Path, *, backbone: str | P
                 "continual": bench.continual,
                 "forget": lambda: bench.forget(need("paragon")["paragon"]["train_seconds"]),
                 "memorization": lambda: (need("table1"), bench.memorization())[1],
+                "dp": bench.dp,
+                "attribution": bench.attribution,
             }[part]()
             res["_part"] = {"wall_seconds": round(time.perf_counter() - t0, 1), "commit": git_commit(),
                             "machine": machine_info(), "date": time.strftime("%Y-%m-%d %H:%M")}
@@ -490,6 +586,21 @@ def report(r: dict) -> str:
                   f"{f['paragon_seconds']} s training)",
                   f"- forget a sample (exact retrain of one compartment): {f['sample_seconds']} s "
                   f"({f['sample_ratio']:.3f} of the paragon's training)", ""]
+    if "dp" in r:
+        lines += ["## Differential privacy (unconditional compartments on all protected digits)", "",
+                  "| target epsilon | achieved epsilon | noise multiplier | FID |", "|---|---|---|---|"]
+        for k, v in r["dp"].items():
+            sigma = v["dp"]["noise_multiplier"] if v.get("dp") else None
+            lines.append(f"| {k} | {v['epsilon'] if v['epsilon'] is not None else '-'} | "
+                         f"{f'{sigma:.3f}' if sigma is not None else '-'} | {v['fid']:.2f} |")
+        lines.append("")
+    if "attribution" in r:
+        a = r["attribution"]
+        lines += ["## Figure 5 analog: credit attribution (likelihood along the probability-flow ODE)", "",
+                  f"- two domains: the top-credit source is the classifier's domain for {a['two_domain_top1']} of "
+                  f"{a['two_domain_confident']} confident samples (target from the issue: 0.95)",
+                  f"- mean normalised credit entropy: one domain {a['same_domain_entropy']}, two domains "
+                  f"{a['two_domain_entropy']}", "", "![credit](credit.png)", ""]
     if "memorization" in r:
         d = r["memorization_detail"]
         lines += ["## Memorization: share of samples closer to a training digit than the 5th percentile of "
