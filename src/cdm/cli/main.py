@@ -196,8 +196,8 @@ def demo(
 def bench(
     profile: str = typer.Option("quick", help="toy (seconds, CI), quick (under 25 min on 2 cores) or full."),
     out: Path = typer.Option(Path("out/bench"), help="Results directory (resumable: rerun to continue)."),
-    parts: str = typer.Option("all", help="Comma-separated parts, or all: " + "paragon,table1,two_domain,cost,"
-                              "continual,forget,memorization."),
+    parts: str = typer.Option("all", help="Comma-separated parts, or all: paragon, table1, two_domain, cost, "
+                              "continual, forget, memorization, dp, attribution."),
     backbone: Path = typer.Option(DEFAULT_BACKBONE),
     classifier: Path = typer.Option(DEFAULT_CLASSIFIER),
     threads: int | None = typer.Option(None, help="Torch CPU threads (default: all cores)."),
