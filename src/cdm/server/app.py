@@ -46,9 +46,24 @@ class _BodyLimit:
     """413 for a request body over the limit: at once from Content-Length, or while reading a chunked body
     (which is then buffered, at most ``limit`` bytes, and replayed to the app)."""
 
+    # Before a 413 the rest of the body is read and dropped, up to this many bytes: a client that writes its
+    # whole body before reading (urllib, most scripts) then gets the 413 instead of a broken pipe.
+    DRAIN_MAX = 64 * 1024 * 1024
+
     def __init__(self, app, limit_for):
         self.app = app
         self.limit_for = limit_for
+
+    @classmethod
+    async def _drain(cls, receive, already: int = 0) -> None:
+        seen = already
+        while seen <= cls.DRAIN_MAX:
+            msg = await receive()
+            if msg["type"] != "http.request":
+                return
+            seen += len(msg.get("body", b""))
+            if not msg.get("more_body", False):
+                return
 
     @staticmethod
     async def _reject(send, limit: int) -> None:
@@ -70,6 +85,8 @@ class _BodyLimit:
             except ValueError:
                 too_big = True
             if too_big:
+                if length.isdigit() and int(length) <= self.DRAIN_MAX:
+                    await self._drain(receive)
                 return await self._reject(send, limit)
             return await self.app(scope, receive, send)
         chunks, size = [], 0
@@ -79,6 +96,8 @@ class _BodyLimit:
                 break
             size += len(msg.get("body", b""))
             if size > limit:
+                if msg.get("more_body", False):
+                    await self._drain(receive, size)
                 return await self._reject(send, limit)
             chunks.append(msg.get("body", b""))
             if not msg.get("more_body", False):
