@@ -58,7 +58,10 @@ def test_leak_matrix(served):
                 assert out["sources"] == subset
                 assert [c["cid"] for c in out["compartments"]] == subset
                 assert all(set(img["weights"]) == set(subset) for img in out["images"])
-                assert out["attribution"] is None
+                assert out["attribution"].startswith("weight-path")
+                for img in out["images"]:
+                    assert set(img["attribution"]) == set(subset)
+                    assert abs(sum(img["attribution"].values()) - 1) < 1e-3
             table[key, "+".join(subset)] = status
         # default: every granted source; unknown: 404 for any live key
         status, out = srv.request("POST", "/v1/generate", TINY, token=token)

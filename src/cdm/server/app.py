@@ -249,7 +249,7 @@ def create_app(store_path: str | Path, *, backbone: Backbone | str | Path | None
         png: str = Field(description="base64 PNG, 28x28 grey")
         weights: dict[str, float] = Field(description="time-averaged weight of each source for this image")
         final_weights: dict[str, float] = Field(description="weights at the last sampler call")
-        attribution: None = None
+        attribution: dict[str, float] = Field(description="weight-path credit of each source for this image")
 
     class CompartmentUsed(BaseModel):
         cid: str
@@ -268,7 +268,7 @@ def create_app(store_path: str | Path, *, backbone: Backbone | str | Path | None
         images: list[ImageOut]
         grid_png: str = Field(description="base64 PNG grid of all images")
         weights_summary: str
-        attribution: None = Field(None, description="per-image source attribution (not available yet)")
+        attribution: str = Field(description="which attribution the images' `attribution` holds")
         evals: int = Field(description="(sample, compartment) denoiser evaluations in the last sampler call batch")
         seconds: float
         queue_seconds: float
