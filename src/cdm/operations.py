@@ -57,21 +57,35 @@ def _put(store: Store, cid: str, comp: Compartment, record: dict, *, kind: str, 
 
 def add_source(store: Store, backbone: Backbone, source: Source, *, name: str, cfg: CompartmentConfig,
                tags: tuple[str, ...] = (), actor: str | None = None, max_minutes: float | None = None,
-               progress: bool = True) -> dict:
+               progress: bool = True, dp=None) -> dict:
     """Register ``source`` as ``name`` and train its compartment (continual learning: no other compartment is
-    touched). Interrupted or paused runs resume when called again with the same arguments."""
+    touched). Interrupted or paused runs resume when called again with the same arguments.
+
+    ``dp``: a :class:`~cdm.privacy.DPConfig` trains with DP-SGD (:mod:`cdm.privacy`; ``cfg.batch_size`` is the
+    expected Poisson batch; the manifest's ``dp`` entry holds the achieved epsilon from the accountant, delta,
+    noise multiplier, clip, sample rate, steps). A budget that cannot be met is refused before anything is
+    registered."""
     existing = {r["cid"] for r in store.compartments()}
     if name in existing:
         raise StoreError(f"source '{name}' already has a compartment; forget it first or choose another name")
     if len(source) == 0:
         raise CdmError(f"{source.id}: the source is empty")
+    if dp is not None:
+        from .privacy import calibrate
+
+        calibrate(dp.epsilon, dp.delta_for(len(source)), cfg.batch_size / len(source), cfg.steps, dp.accountant)
     store.add_source(name, content_hash=source.content_hash, n=len(source), classes=list(source.classes),
                      tags=tags, actor=actor)
     data_path = _data_dir(store, name) / _DATA
     if not data_path.exists():
         source.to_npz(data_path)
-    comp, record = train_compartment(backbone, source, cfg, work_dir=store.work_dir(name, sources=[name]),
-                                     max_minutes=max_minutes, progress=progress)
+    kwargs = dict(work_dir=store.work_dir(name, sources=[name]), max_minutes=max_minutes, progress=progress)
+    if dp is None:
+        comp, record = train_compartment(backbone, source, cfg, **kwargs)
+    else:
+        from .privacy import train_compartment_dp
+
+        comp, record = train_compartment_dp(backbone, source, cfg, dp, **kwargs)
     record["source"]["spec"] = source.id
     record["source"]["id"] = name
     if comp is None:
@@ -81,34 +95,9 @@ def add_source(store: Store, backbone: Backbone, source: Source, *, name: str, c
 
 
 def add_source_dp(store: Store, backbone: Backbone, source: Source, *, name: str, cfg: CompartmentConfig, dp,
-                  tags: tuple[str, ...] = (), actor: str | None = None, max_minutes: float | None = None,
-                  progress: bool = True) -> dict:
-    """:func:`add_source` with DP-SGD training (:mod:`cdm.privacy`): ``dp`` is a
-    :class:`~cdm.privacy.DPConfig`; ``cfg.batch_size`` is the expected Poisson batch. The manifest's ``dp``
-    entry holds the achieved epsilon (from the accountant), delta, noise multiplier, clip, sample rate, steps.
-    A budget that cannot be met is refused before anything is registered."""
-    from .privacy import calibrate
-    from .privacy import train_compartment_dp
-
-    existing = {r["cid"] for r in store.compartments()}
-    if name in existing:
-        raise StoreError(f"source '{name}' already has a compartment; forget it first or choose another name")
-    if len(source) == 0:
-        raise CdmError(f"{source.id}: the source is empty")
-    calibrate(dp.epsilon, dp.delta_for(len(source)), cfg.batch_size / len(source), cfg.steps, dp.accountant)
-    store.add_source(name, content_hash=source.content_hash, n=len(source), classes=list(source.classes),
-                     tags=tags, actor=actor)
-    data_path = _data_dir(store, name) / _DATA
-    if not data_path.exists():
-        source.to_npz(data_path)
-    comp, record = train_compartment_dp(backbone, source, cfg, dp, work_dir=store.work_dir(name, sources=[name]),
-                                        max_minutes=max_minutes, progress=progress)
-    record["source"]["spec"] = source.id
-    record["source"]["id"] = name
-    if comp is None:
-        return {"finished": False, "record": record}
-    row = _put(store, name, comp, record, kind="compartment", sources=[name], backbone=backbone, actor=actor)
-    return {"finished": True, "record": record, "row": row}
+                  **kwargs) -> dict:
+    """:func:`add_source` with DP-SGD training: ``dp`` is a :class:`~cdm.privacy.DPConfig`."""
+    return add_source(store, backbone, source, name=name, cfg=cfg, dp=dp, **kwargs)
 
 
 def attribute_samples(store: Store, backbone: Backbone, names: list[str], *, n: int = 16, seed: int = 0,
