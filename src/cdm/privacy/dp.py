@@ -43,8 +43,7 @@ from ..errors import TrainingError
 from ..io import config_from_dict
 from ..training.checkpoint import load_checkpoint, save_checkpoint
 from ..training.common import deterministic_algorithms, lr_at, progress_bar, step_generator
-from ..training.compartment import canonical_order, check_source_fits
-from ..training.pretrain import git_commit, machine_info
+from ..training.compartment import canonical_order, check_source_fits, training_record
 
 __all__ = ["ACCOUNTANTS", "DPConfig", "PromptDenoiser", "calibrate", "epsilon_spent", "per_sample_grads",
            "train_compartment_dp"]
@@ -249,27 +248,15 @@ def _train(backbone: Backbone, source: Source, cfg: CompartmentConfig, dp: DPCon
     gsm._close()
     comp.eval()
     achieved = epsilon_spent(sigma, q, step, delta, dp.accountant)
-    record = {
-        "source": {"id": source.id, "content_hash": source.content_hash, "n": n,
-                   "sample_hashes": sorted(source.sample_hashes)},
-        "backbone_hash": backbone.hash,
-        "config": cfg.to_dict(),
-        "seed": cfg.seed,
-        "steps_done": step,
-        "finished": step >= cfg.steps,
-        "wall_seconds": round(wall, 2),
-        "final_loss": float(np.mean(losses[-100:])) if losses else None,
-        "commit": git_commit(),
-        "machine": machine_info(),
-        "dp": {"epsilon": round(achieved, 4), "target_epsilon": dp.epsilon, "delta": delta,
-               "noise_multiplier": sigma, "max_grad_norm": C, "sample_rate": q, "expected_batch_size": cfg.batch_size,
-               "steps": step, "accountant": dp.accountant, "augmult": K, "unit": "sample",
-               "mean_batch_size": round(float(np.mean(batch_sizes)), 2) if batch_sizes else None,
-               "library": "opacus " + _opacus_version()},
-        # No best-step selection under DP: choosing a step by a loss on the private data would itself leak
-        # (unaccounted); a DP compartment is its last step.
-        "validation": None,
-    }
+    dp_entry = {"epsilon": round(achieved, 4), "target_epsilon": dp.epsilon, "delta": delta,
+                "noise_multiplier": sigma, "max_grad_norm": C, "sample_rate": q,
+                "expected_batch_size": cfg.batch_size, "steps": step, "accountant": dp.accountant, "augmult": K,
+                "unit": "sample", "mean_batch_size": round(float(np.mean(batch_sizes)), 2) if batch_sizes else None,
+                "library": "opacus " + _opacus_version()}
+    # No best-step selection under DP: choosing a step by a loss on the private data would itself leak
+    # (unaccounted); a DP compartment is its last step.
+    record = training_record(backbone, source, cfg, step=step, wall=wall, losses=losses, dp=dp_entry,
+                             validation=None)
     return (comp if record["finished"] else None), record
 
 

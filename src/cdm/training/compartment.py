@@ -25,7 +25,7 @@ from .common import deterministic_algorithms, lr_at, progress_bar, step_generato
 from .loss import draw_noise, eps_loss, held_out_loss
 from .pretrain import git_commit, machine_info
 
-__all__ = ["canonical_order", "train_compartment", "check_source_fits"]
+__all__ = ["canonical_order", "train_compartment", "check_source_fits", "training_record"]
 
 _TAG = "cdm-compartment"
 
@@ -158,7 +158,16 @@ def _train_compartment(
         comp.load_state_dict(best.state_dict())
     comp.eval()
     best_step, best_loss = min(curve, key=lambda c: c[1]) if curve else (None, None)
-    record = {
+    record = training_record(backbone, source, cfg, step=step, wall=wall, losses=losses, dp=None, validation=None
+                             if val is None else {"n": int(val[0].shape[0]), "best_step": best_step,
+                                                  "best_loss": best_loss, "start_loss": curve[0][1], "curve": curve})
+    return (comp if record["finished"] else None), record
+
+
+def training_record(backbone: Backbone, source: Source, cfg: CompartmentConfig, *, step: int, wall: float,
+                    losses: list[float], dp: dict | None, validation: dict | None) -> dict:
+    """The manifest record of a compartment training run (plain or DP): what it saw, how, where, when."""
+    return {
         "source": {"id": source.id, "content_hash": source.content_hash, "n": len(source),
                    "sample_hashes": sorted(source.sample_hashes)},
         "backbone_hash": backbone.hash,
@@ -170,12 +179,9 @@ def _train_compartment(
         "final_loss": float(np.mean(losses[-100:])) if losses else None,
         "commit": git_commit(),
         "machine": machine_info(),
-        "dp": None,
-        "validation": None if val is None else {
-            "n": int(val[0].shape[0]), "best_step": best_step, "best_loss": best_loss,
-            "start_loss": curve[0][1], "curve": curve},
+        "dp": dp,
+        "validation": validation,
     }
-    return (comp if record["finished"] else None), record
 
 
 def train_compartment(backbone: Backbone, source: Source, cfg: CompartmentConfig,
