@@ -7,16 +7,9 @@ import pytest
 import torch
 
 from cdm.attribution import attribute, divergence, normalised_entropy, weight_path_credit
-from cdm.backbone import Backbone, UViT, UViTConfig
 from cdm.compartments import Compartment, CompartmentConfig
 from cdm.composition import CompartmentBank
 from cdm.sampling import NoiseSchedule
-
-
-@pytest.fixture(scope="module")
-def backbone():
-    torch.manual_seed(0)
-    return Backbone(UViT(UViTConfig(img_size=14, patch_size=7, embed_dim=16, depth=1, num_heads=2))).freeze()
 
 
 def test_divergence_exact_and_hutchinson_match_jacobian_trace(backbone):

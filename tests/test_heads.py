@@ -11,7 +11,6 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from cdm.backbone import Backbone, UViT, UViTConfig
 from cdm.cli.main import app
 from cdm.compartments import Compartment, CompartmentConfig
 from cdm.composition import (CompartmentBank, ComposedDenoiser, HeadBank, HeadConfig, IsolatedWeighting,
@@ -30,12 +29,6 @@ torch.set_num_threads(1)
 
 CFG = CompartmentConfig(steps=4, batch_size=8, n_prompts=2, checkpoint_every=4, warmup=1, validation=0.0)
 FAST = dict(steps=40, batch_size=32, eval_size=128)
-
-
-@pytest.fixture(scope="module")
-def backbone():
-    torch.manual_seed(0)
-    return Backbone(UViT(UViTConfig(img_size=14, patch_size=7, embed_dim=16, depth=1, num_heads=2))).freeze()
 
 
 @pytest.fixture(scope="module")

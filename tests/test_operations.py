@@ -21,12 +21,6 @@ CFG = CompartmentConfig(steps=4, batch_size=8, n_prompts=2, checkpoint_every=2, 
 
 
 @pytest.fixture(scope="module")
-def backbone():
-    torch.manual_seed(0)
-    return Backbone(UViT(UViTConfig(img_size=14, patch_size=7, embed_dim=16, depth=1, num_heads=2))).freeze()
-
-
-@pytest.fixture(scope="module")
 def parts():
     _, protected = public_protected()
     small = protected.subset(np.arange(0, 4000, 50), id="mnist/protected/every50")

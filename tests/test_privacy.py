@@ -8,7 +8,6 @@ from hypothesis import strategies as st
 from opacus import GradSampleModule
 from opacus.accountants import RDPAccountant
 
-from cdm.backbone import Backbone, UViT, UViTConfig
 from cdm.compartments import Compartment, CompartmentConfig
 from cdm.data import public_protected, split_stratified
 from cdm.errors import TrainingError
@@ -17,12 +16,6 @@ from cdm.privacy import DPConfig, PromptDenoiser, calibrate, epsilon_spent, trai
 from cdm.privacy.dp import per_sample_grads
 
 CFG = CompartmentConfig(steps=4, batch_size=8, n_prompts=2, warmup=2, checkpoint_every=2)
-
-
-@pytest.fixture(scope="module")
-def backbone():
-    torch.manual_seed(0)
-    return Backbone(UViT(UViTConfig(img_size=14, patch_size=7, embed_dim=16, depth=1, num_heads=2))).freeze()
 
 
 @pytest.fixture(scope="module")
