@@ -27,6 +27,7 @@ import torch
 
 from cdm import operations as ops
 from cdm.backbone import Backbone
+from cdm.benchmark import plot_two_domain
 from cdm.compartments import CompartmentConfig
 from cdm.data import load_source, public_protected
 from cdm.demo import score_samples, write_samples
@@ -81,31 +82,8 @@ def two_domain(args, bb: Backbone, judge_net: DigitClassifier) -> dict:
                 "seconds": round(seconds, 1), "evals": int(comp.evals)}
             plots[weighting] = (w, domain)
             print(weighting, json.dumps(out[weighting]), flush=True)
-    _plot_weights(plots, args.out / "two-domain-weights.png", args.sample_steps)
+    plot_two_domain(plots, args.out / "two-domain-weights.png", args.sample_steps)
     return {"two_domain": out}
-
-
-def _plot_weights(plots: dict, path: Path, steps: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(plots), figsize=(4 * len(plots), 3.2), sharey=True)
-    for ax, (name, (w, domain)) in zip(np.atleast_1d(axes), plots.items(), strict=True):
-        x = np.arange(w.shape[0])
-        for k, label in enumerate(["digits 0-4", "digits 5-9"]):
-            sel = domain == k
-            if sel.any():
-                ax.plot(x, w[:, sel, 0].mean(1), label=f"w(0-4), samples read as {label}")
-        ax.set_title(name)
-        ax.set_xlabel(f"sampling step (of {steps})")
-        ax.set_ylim(-0.02, 1.02)
-    np.atleast_1d(axes)[0].set_ylabel("mean weight of the 0-4 compartment")
-    np.atleast_1d(axes)[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def cost(args, bb: Backbone, judge_net: DigitClassifier) -> dict:

@@ -209,7 +209,7 @@ class _Bench:
             paths[method] = (w, domain)
             print(f"two-domain {method}: confident {out[method]['confident_in_domain']}", flush=True)
         st.close()
-        _plot_two_domain(paths, self.out / "two_domain_weights.png", self.p.sample_steps)
+        plot_two_domain(paths, self.out / "two_domain_weights.png", self.p.sample_steps)
         return {"two_domain": out}
 
     def cost(self, table1_detail: dict) -> dict:
@@ -376,7 +376,9 @@ def _plot_credit(two: np.ndarray, same: np.ndarray, domain: np.ndarray, confiden
     _save(fig, path)
 
 
-def _plot_two_domain(paths: dict, path: Path, steps: int) -> None:
+def plot_two_domain(paths: dict, path: Path, steps: int) -> None:
+    """Mean weight of the digits-0-4 compartment over sampling steps, per weighting, for samples the
+    classifier reads as 0-4 vs 5-9 (``paths``: name -> (weights (steps, N, 2), domain (N,)))."""
     import matplotlib
 
     matplotlib.use("Agg")
