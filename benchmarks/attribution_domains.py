@@ -46,9 +46,11 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--ode-steps", type=int, default=25)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/attribution"))
+    ap.add_argument("--backbone", type=Path, default=WEIGHTS / "backbone")
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    torch.set_num_threads(1)
-    bb = Backbone.from_pretrained(WEIGHTS / "backbone")
+    torch.set_num_threads(args.threads)
+    bb = Backbone.from_pretrained(args.backbone)
     t0 = time.perf_counter()
     if args.what == "train":
         with Store.create(args.out / f"store-{args.domain}") as st:
@@ -75,7 +77,7 @@ def main() -> None:
            "n": args.n, "top1_all_samples": round(float((top == domain).mean()), 4),
            "weight_path_top1": round(float((path.argmax(1)[conf] == domain[conf]).mean()), 4),
            "two_domain_entropy": round(float(normalised_entropy(credit).mean()), 4),
-           "compartment_steps": steps, "ode_steps": args.ode_steps,
+           "compartment_steps": steps, "ode_steps": args.ode_steps, "backbone": bb.hash,
            "meta": {"command": "python " + shlex.join(sys.argv), "commit": git_commit(), "machine": machine_info(),
                     "wall_seconds": round(time.perf_counter() - t0, 1), "date": time.strftime("%Y-%m-%d")}}
     atomic_write_json(args.out / "results.json", res)

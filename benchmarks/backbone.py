@@ -34,9 +34,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/backbone"))
     ap.add_argument("--per-class", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--backbone", type=Path, default=WEIGHTS / "backbone")
+    ap.add_argument("--runs", default="all", help="comma-separated run names, or all")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    bb = Backbone.from_pretrained(WEIGHTS / "backbone")
+    bb = Backbone.from_pretrained(args.backbone)
     judge_net = DigitClassifier.from_pretrained(WEIGHTS / "classifier")
     _, protected = public_protected()
     results = {}
@@ -44,6 +46,8 @@ def main() -> None:
             ("ddim50_cfg2_bf16", dict(solver="ddim", steps=50, guidance=2.0, bf16=True)),
             ("dpmpp2m25_cfg2", dict(solver="dpmpp2m", steps=25, guidance=2.0)),
             ("ddim50_cfg1", dict(solver="ddim", steps=50, guidance=1.0))]
+    if args.runs != "all":
+        runs = [r for r in runs if r[0] in args.runs.split(",")]
     for name, kw in runs:
         t0 = time.perf_counter()
         images, labels = sample_backbone(bb, per_class=args.per_class, seed=0, **kw)
@@ -52,6 +56,7 @@ def main() -> None:
         results[name] = {**score_samples(images, labels, judge_net, protected), "seconds": round(seconds, 1), **kw}
         print(name, json.dumps(results[name]), flush=True)
     results["meta"] = {"command": "python " + shlex.join(sys.argv), "commit": git_commit(), "machine": machine_info(),
+                       "backbone": str(args.backbone),
                        "backbone_hash": bb.hash, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     atomic_write_json(args.out / "results.json", results)
 

@@ -156,3 +156,21 @@ def test_interrupted_add_resumes_to_the_same_compartment(tmp_path, backbone, par
         done = add_source(st, backbone, parts[0], name="s0", cfg=CFG, progress=False)
         assert done["finished"] and _weights(st, "s0") == whole
         assert not (st.path / "work" / "s0").exists()  # training state cleared once stored
+
+
+def test_class_priors_follow_the_stored_samples(tmp_path, backbone, parts):
+    from cdm.operations import compose
+
+    with Store.create(tmp_path / "st") as st:
+        for j, part in enumerate(parts):
+            add_source(st, backbone, part, name=f"s{j}", cfg=CFG, progress=False)
+        def prior():  # lambda_i(y) = n_i(y) / sum_j n_j(y), (sources, classes)
+            d = compose(st, backbone, ["s0", "s1"], weighting="naive", class_conditional_priors=True)
+            return d.class_log_prior.exp().numpy()
+
+        counts = np.array([np.bincount(p.labels, minlength=10) for p in parts], dtype=float)
+        np.testing.assert_allclose(prior(), counts / counts.sum(0))
+        threes = [h for h, y in zip(parts[0].sample_hashes, parts[0].labels, strict=True) if y == 3]
+        forget_samples(st, backbone, "s0", threes, progress=False)  # s0 no longer holds a 3: no weight for class 3
+        after = prior()
+        assert after[0, 3] == 0 and after[1, 3] == 1 and after[0, 2] == pytest.approx(counts[0, 2] / counts[:, 2].sum())

@@ -35,9 +35,23 @@ def test_no_protected_sample_reaches_backbone_training(tmp_path, n_glyphs):
     assert json.loads((tmp_path / "training.json").read_text())["data"]["sample_hashes"] == sorted(trained_on)
 
 
-@pytest.mark.skipif(not (SHIPPED / "training.json").exists(), reason="no shipped backbone in this checkout")
-def test_shipped_backbone_was_trained_on_public_data_only():
-    record = json.loads((SHIPPED / "training.json").read_text())
+def test_glyph_only_backbone_sees_no_handwritten_digit(tmp_path):
+    public, protected = public_protected()
+    mnist = set(public.sample_hashes) | set(protected.sample_hashes)
+    seen: set[str] = set()
+    cfg = PretrainConfig(steps=4, glyphs=40, public_digits=False, **TINY)
+    record = pretrain(cfg, tmp_path, progress=False, on_batch=lambda imgs: seen.update(_hashes(imgs)))
+    assert seen and not seen & mnist
+    assert record["data"]["n"] == 40 and not set(record["data"]["sample_hashes"]) & mnist
+    with pytest.raises(ValueError, match="needs data"):
+        public_training_set(PretrainConfig(glyphs=0, public_digits=False))
+
+
+@pytest.mark.parametrize("name", ["backbone", "backbone-glyphs"])
+def test_shipped_backbones_were_trained_on_public_data_only(name):
+    if not (SHIPPED.parent / name / "training.json").exists():
+        pytest.skip(f"no shipped {name} in this checkout")
+    record = json.loads((SHIPPED.parent / name / "training.json").read_text())
     _, protected = public_protected()
     cfg = PretrainConfig.from_dict(record["config"])
     assert not set(record["data"]["sample_hashes"]) & set(protected.sample_hashes)

@@ -239,14 +239,22 @@ def _class_counts(store: Store, names: list[str], comps: list[Compartment]) -> n
         return None
     counts = np.zeros((len(names), comps[0].num_classes), dtype=np.float64)
     for i, n in enumerate(names):
-        try:
-            labels = source_data(store, n).labels
-        except StoreError:
-            return None
-        if labels is None:
-            return None
-        counts[i] = np.bincount(labels, minlength=counts.shape[1])[: counts.shape[1]]
+        key = (store.source(n)["content_hash"], counts.shape[1])  # covers images and labels
+        if key not in _COUNTS:
+            try:
+                labels = source_data(store, n).labels
+            except StoreError:
+                return None
+            if labels is None:
+                return None
+            _COUNTS[key] = np.bincount(labels, minlength=counts.shape[1])[: counts.shape[1]]
+        counts[i] = _COUNTS[key]
     return counts
+
+
+# Class counts by (source content hash, classes): compose() runs per service request and must not reread every
+# source's samples each time. Keyed by content, so a forgotten-then-readded or sample-forgotten source misses.
+_COUNTS: dict[tuple[str, int], np.ndarray] = {}
 
 
 # ----------------------------------------------------------------------------------------------- learned weightings

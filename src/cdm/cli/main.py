@@ -44,6 +44,8 @@ def pretrain(
     lr: float = typer.Option(2e-3),
     lr_schedule: str = typer.Option("cosine", help="constant | cosine"),
     glyphs: int = typer.Option(0, help="Synthetic digit glyphs added to the 1,000 public MNIST digits."),
+    public_digits: bool = typer.Option(True, help="--no-public-digits: glyphs only (a domain gap to the protected "
+                                       "handwritten digits, the paper's setting)."),
     seed: int = typer.Option(0),
     max_minutes: float | None = typer.Option(None, help="Stop after a checkpoint once this long (resume later)."),
     threads: int | None = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
@@ -53,7 +55,8 @@ def pretrain(
     from ..training import pretrain as run
 
     _threads(threads)
-    cfg = PretrainConfig(steps=steps, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, glyphs=glyphs, seed=seed)
+    cfg = PretrainConfig(steps=steps, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, glyphs=glyphs,
+                         public_digits=public_digits, seed=seed)
     rec = run(cfg, out, max_minutes=max_minutes, command=_command())
     state = "finished" if rec["finished"] else "paused (run the same command to resume)"
     console.print(f"{state} at step {rec['steps_done']}/{steps}, loss {rec['final_loss']:.4f}, "

@@ -49,6 +49,8 @@ class PretrainConfig:
     schedule: str = "cosine"  # noise schedule name (cdm.sampling.SCHEDULES)
     # data
     glyphs: int = 0  # synthetic digit glyphs added to the 1,000 public MNIST digits (0 = none)
+    public_digits: bool = True  # False: glyphs only, a backbone that never saw a handwritten digit (the paper's
+    #                             setting: a domain gap between the public pretraining data and the protected data)
     # optimisation
     steps: int = 3600  # total optimiser steps
     batch_size: int = 64
@@ -76,12 +78,14 @@ class PretrainConfig:
 
 
 def public_training_set(cfg: PretrainConfig) -> Source:
-    """The only data pretraining reads: the public MNIST slice (+ digit glyphs if ``cfg.glyphs``)."""
+    """The only data pretraining reads: the public MNIST slice and/or ``cfg.glyphs`` digit glyphs."""
+    if not cfg.public_digits and not cfg.glyphs:
+        raise ValueError("pretraining needs data: public digits, glyphs, or both")
     public, _ = public_protected()
     if not cfg.glyphs:
         return public
     g = glyphs(cfg.glyphs, seed=cfg.seed, charset="digits")
-    return concat_sources([public, g], id=f"{public.id}+{g.id}")
+    return concat_sources([public, g], id=f"{public.id}+{g.id}") if cfg.public_digits else g
 
 
 def git_commit() -> str:
