@@ -5,6 +5,10 @@ each (one process per domain, so they can run side by side), then attributes ``-
 along the probability-flow ODE (likelihood credit, 2 Hutchinson probes, ode-tracked weights, lambda = 1/2) and
 reports the share of confidently read samples whose top-credit source is the classifier's domain.
 
+``--conditional`` trains class-conditional compartments instead (the paper's Figure 5 setting: shards of
+different domains with their own classes, CUB-200 vs Cars there) and attributes class-balanced samples of all
+ten digits under uniform priors (no class priors: the weights come from the densities alone).
+
     python benchmarks/attribution_domains.py train --domain low  --steps 1000 --out benchmarks/results/attribution
     python benchmarks/attribution_domains.py train --domain high --steps 1000 --out benchmarks/results/attribution
     python benchmarks/attribution_domains.py attribute --n 100 --out benchmarks/results/attribution
@@ -47,6 +51,8 @@ def main() -> None:
     ap.add_argument("--ode-steps", type=int, default=25)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/attribution"))
     ap.add_argument("--backbone", type=Path, default=WEIGHTS / "backbone")
+    ap.add_argument("--prompts", type=int, default=8, help="prompts per block")
+    ap.add_argument("--conditional", action="store_true", help="class-conditional compartments, labelled samples")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -56,16 +62,22 @@ def main() -> None:
         with Store.create(args.out / f"store-{args.domain}") as st:
             if not st.compartments():
                 ops.add_source(st, bb, load_source(DOMAINS[args.domain]), name=args.domain,
-                               cfg=CompartmentConfig(steps=args.steps, conditional=False, seed=0), progress=False)
+                               cfg=CompartmentConfig(steps=args.steps, conditional=args.conditional, seed=0,
+                                                     n_prompts=args.prompts),
+                               progress=False)
         return
     comps = []
     for name in DOMAINS:
         with Store.open(args.out / f"store-{name}") as st:
             comps.append(ops.load_compartment(st, bb, name))
             steps = st.compartment(name)["manifest"]["config"]["steps"]
+    if any(c.config.conditional for c in comps) != args.conditional:
+        raise SystemExit("--conditional must match how the stored compartments were trained")
     noise = torch.randn((args.n, 1, 14, 14), generator=torch.Generator().manual_seed(5))
+    labels = torch.arange(args.n) % 10 if args.conditional else None
     parts = [attribute(CompartmentBank(bb, comps), noise[s:s + 50], schedule=bb.schedule, priors=[1.0, 1.0],
-                       steps=args.ode_steps, probes=2, seed=s) for s in range(0, args.n, 50)]
+                       steps=args.ode_steps, probes=2, seed=s,
+                       cond=None if labels is None else {"y": labels[s:s + 50]}) for s in range(0, args.n, 50)]
     credit = np.concatenate([p["credit"] for p in parts])
     path = np.concatenate([p["weight_path"] for p in parts])
     images = bb.codec.decode(torch.as_tensor(np.concatenate([p["x0"] for p in parts])))
@@ -77,7 +89,12 @@ def main() -> None:
            "n": args.n, "top1_all_samples": round(float((top == domain).mean()), 4),
            "weight_path_top1": round(float((path.argmax(1)[conf] == domain[conf]).mean()), 4),
            "two_domain_entropy": round(float(normalised_entropy(credit).mean()), 4),
-           "compartment_steps": steps, "ode_steps": args.ode_steps, "backbone": bb.hash,
+           **({} if labels is None else {
+               "top1_requested_domain": round(float((top == (labels.numpy() >= 5)).mean()), 4),
+               "judge_accuracy": round(float((pred == labels.numpy()).mean()), 4)}),
+           "conditional": args.conditional, "compartment_steps": steps,
+           "prompts": comps[0].config.n_prompts, "ode_steps": args.ode_steps,
+           "backbone": bb.hash,
            "meta": {"command": "python " + shlex.join(sys.argv), "commit": git_commit(), "machine": machine_info(),
                     "wall_seconds": round(time.perf_counter() - t0, 1), "date": time.strftime("%Y-%m-%d")}}
     atomic_write_json(args.out / "results.json", res)
