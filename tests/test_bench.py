@@ -58,3 +58,23 @@ def test_rerun_resumes_from_cached_parts_and_refuses_another_profile(toy):
         run_bench("quick", out, backbone=WEIGHTS / "backbone", classifier=WEIGHTS / "classifier")
     with pytest.raises(ValueError, match="unknown parts"):
         run_bench("toy", out, backbone=WEIGHTS / "backbone", classifier=WEIGHTS / "classifier", parts=("tables",))
+
+
+@pytest.mark.parametrize("naive, single8, verdicts", [
+    (40.78, 40.43, ("MISSED", "met", "MISSED")),  # the quick run on the glyph backbone: equal is not "worse"
+    (40.78, 33.0, ("MISSED", "MISSED", "MISSED")),  # single improving from 4 to 8 sources is not degrading
+    (44.0, 41.0, ("met", "met", "MISSED")),  # 5% worse is clearly worse; single strictly degrading
+])
+def test_report_checks_the_targets_with_margins(naive, single8, verdicts):
+    from cdm.benchmark import report
+
+    t = {"2": {"paragon": 27.0, "router": 30.0, "isolated": 30.0, "ito": 31.0, "naive": 30.0, "single": 30.0},
+         "4": {"paragon": 27.0, "router": 34.0, "isolated": 34.0, "ito": 35.0, "naive": 34.0, "single": 34.8},
+         "8": {"paragon": 27.0, "router": 40.77, "isolated": 40.8, "ito": 41.6, "naive": naive, "single": single8}}
+    meta = {"profile": "quick", "commit": "x", "machine": {}, "wall_seconds": 1.0, "profile_config": {}}
+    lines = [ln for ln in report({"table1": t, "meta": meta}).splitlines() if ln.startswith("- ")]
+    naive_line = next(ln for ln in lines if ln.startswith("- naive"))
+    single_line = next(ln for ln in lines if ln.startswith("- single"))
+    paragon_line = next(ln for ln in lines if ln.startswith("- composed"))
+    assert naive_line.endswith(verdicts[0]) and single_line.endswith(verdicts[1])
+    assert paragon_line.endswith(verdicts[2])  # 40.77 / 27 = 1.51

@@ -83,6 +83,7 @@ PROFILES: dict[str, BenchProfile] = {
     "full": BenchProfile(),
 }
 
+CLEARLY_WORSE = 1.05  # "naive clearly worse": its FID at least this multiple of the router's (a margin, not a test)
 PARTS = ("paragon", "table1", "two_domain", "cost", "continual", "forget", "memorization", "dp", "attribution")
 METHODS = ("router", "isolated", "ito", "naive", "single")
 DOMAINS = {"low": "mnist/protected/classes[0-4|5-9]-0", "high": "mnist/protected/classes[0-4|5-9]-1"}
@@ -545,15 +546,15 @@ def report(r: dict) -> str:
             lines.append(f"| {k} | " + " | ".join(f"{t[k][c]:.2f}" for c in cols) + " |")
         kmax = max(t, key=int)
         ratio = t[kmax]["router"] / t[kmax]["paragon"]
-        naive_worse = t[kmax]["naive"] > t[kmax]["router"]
+        naive_worse = t[kmax]["naive"] >= CLEARLY_WORSE * t[kmax]["router"]
         singles = [t[k]["single"] for k in sorted(t, key=int)]
         lines += ["", "Targets from the seed paper:",
                   f"- composed (router) within 10% of the paragon at {kmax} sources: ratio {ratio:.3f} -> "
                   f"{'met' if ratio <= 1.10 else 'MISSED'}",
-                  f"- naive clearly worse than composed at {kmax}: naive {t[kmax]['naive']:.2f} vs router "
-                  f"{t[kmax]['router']:.2f} -> {'met' if naive_worse else 'MISSED'}",
+                  f"- naive clearly worse than composed at {kmax} (by {CLEARLY_WORSE - 1:.0%} or more): naive "
+                  f"{t[kmax]['naive']:.2f} vs router {t[kmax]['router']:.2f} -> {'met' if naive_worse else 'MISSED'}",
                   f"- single degrades with more splits: {' -> '.join(f'{s:.2f}' for s in singles)} -> "
-                  f"{'met' if all(a <= b for a, b in zip(singles, singles[1:], strict=False)) else 'MISSED'}",
+                  f"{'met' if all(a < b for a, b in zip(singles, singles[1:], strict=False)) else 'MISSED'}",
                   ""]
         for k, v in sorted(r.get("table1_selection", {}).items(), key=lambda kv: int(kv[0])):
             if v["at_backbone"]:
