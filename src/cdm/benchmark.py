@@ -445,9 +445,11 @@ def _save(fig, path: Path) -> None:
 
 
 def run_bench(profile: str | BenchProfile, out: str | Path, *, backbone: str | Path, classifier: str | Path,
-              parts: tuple[str, ...] = PARTS, progress: bool = False, meta: dict | None = None) -> dict:
+              parts: tuple[str, ...] = PARTS, progress: bool = False, meta: dict | None = None,
+              device: str = "cpu") -> dict:
     """Run (or resume) the benchmark; returns the merged results, also written to ``out/results.json`` and
-    ``out/report.md``."""
+    ``out/report.md``. ``device`` runs the backbone's transformer there (``"cuda"``); all else stays on the
+    CPU (see ``UViT.forward``)."""
     from .training import git_commit, machine_info
 
     name = profile if isinstance(profile, str) else "custom"
@@ -469,7 +471,8 @@ def run_bench(profile: str | BenchProfile, out: str | Path, *, backbone: str | P
         if any(old[k] != current.get(k) for k in old):
             raise ValueError(f"{out} holds a run with another profile; use another --out or delete it")
     atomic_write_json(prof_file, _jsonable(asdict(profile)))
-    bench = _Bench(profile, out, Backbone.from_pretrained(backbone), DigitClassifier.from_pretrained(classifier),
+    bench = _Bench(profile, out, Backbone.from_pretrained(backbone).to(device),
+                   DigitClassifier.from_pretrained(classifier),
                    progress)
     done = {p: json.loads((out / "parts" / f"{p}.json").read_text()) for p in PARTS
             if (out / "parts" / f"{p}.json").exists()}
@@ -504,6 +507,7 @@ def run_bench(profile: str | BenchProfile, out: str | Path, *, backbone: str | P
     results["meta"] = {"commit": git_commit(), "machine": machine_info(), "profile": name,
                        "profile_config": _jsonable(asdict(profile)), "wall_seconds": round(sum(walls.values()), 1),
                        "part_seconds": walls, "part_commits": {p: done[p]["_part"]["commit"] for p in done},
+                       "device": device,
                        **(meta or {})}
     if "table1" in results:
         _plot_table1(results["table1"], out / "table1.png")
@@ -535,7 +539,9 @@ def report(r: dict) -> str:
     """The benchmark's report.md: tables, targets checked against the seed's, plots."""
     m = r["meta"]
     lines = [f"# cdm benchmark ({m['profile']} profile)", "",
-             f"Commit `{m['commit']}`, {m['machine'].get('cpus')} CPUs, torch {m['machine'].get('torch')}, "
+             f"Commit `{m['commit']}`, {m['machine'].get('cpus')} CPUs"
+             + (f", transformer on {m['machine'].get('cuda')}" if str(m.get("device", "cpu")).startswith("cuda")
+                else "") + f", torch {m['machine'].get('torch')}, "
              f"{m['wall_seconds']:.0f} s of parts. Profile: `{json.dumps(m['profile_config'])}`.", ""]
     if "table1" in r:
         t = r["table1"]

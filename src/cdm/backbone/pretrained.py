@@ -58,6 +58,17 @@ class Backbone:
         """sha256 of the weights: compartments record it and are refused on any other backbone."""
         return state_dict_sha256(self.net.state_dict())
 
+    @property
+    def device(self) -> torch.device:
+        return self.net.pos_embed.device
+
+    def to(self, device: str | torch.device) -> Backbone:
+        """Run the transformer on ``device`` (e.g. ``"cuda"``); callers keep their tensors where they are (the
+        U-ViT moves inputs and outputs, see ``UViT.forward``). The weights' hash is taken first, on the CPU."""
+        _ = self.hash
+        self.net.to(device)
+        return self
+
     def freeze(self) -> Backbone:
         self.net.eval().requires_grad_(False)
         return self

@@ -21,6 +21,7 @@ tokens skip the MLP (their outputs are thrown away in both forms).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass
 
@@ -254,7 +255,24 @@ class UViT(nn.Module):
         prompt_gate: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Predict eps. With ``return_mid`` also return the tokens after the mid block (B, extras + patches, D),
-        prompts dropped: what the CDM router heads read."""
+        prompts dropped: what the CDM router heads read.
+
+        Inputs on another device than the weights are moved to the weights' device, and the outputs are returned
+        on the input's device (differentiably), under the caller's autocast dtype. So with the net on an
+        accelerator (``Backbone.to("cuda")``) everything around it (samplers, weightings, training loops with
+        their seeded CPU generators, prompt tables, optimisers) stays on the CPU unchanged: only the transformer
+        moves, and the data crossing is a few MB per call."""
+        home, dev = x.device, self.pos_embed.device
+        if home == dev:
+            return self._forward(x, timesteps, y, prompts, return_mid, prompt_gate)
+        move = lambda v: None if v is None else v.to(dev)  # noqa: E731
+        amp = (torch.autocast(dev.type, dtype=torch.get_autocast_dtype(home.type))
+               if torch.is_autocast_enabled(home.type) else contextlib.nullcontext())
+        with amp:
+            out = self._forward(move(x), move(timesteps), move(y), move(prompts), return_mid, move(prompt_gate))
+        return tuple(o.to(home) for o in out) if return_mid else out.to(home)
+
+    def _forward(self, x, timesteps, y, prompts, return_mid, prompt_gate):
         c = self.config
         if x.ndim != 4 or x.shape[1:] != (c.in_chans, c.img_size, c.img_size):
             raise ValueError(f"expected input (B, {c.in_chans}, {c.img_size}, {c.img_size}), got {tuple(x.shape)}")

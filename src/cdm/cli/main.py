@@ -32,6 +32,18 @@ def _threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
+def _device(name: str) -> str:
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise typer.BadParameter(f"unknown device {name!r} (cpu, cuda, cuda:1 ...)", param_hint="--device") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise typer.BadParameter("no CUDA device on this machine", param_hint="--device")
+    return name
+
+
 def _command() -> str:
     return "cdm " + shlex.join(sys.argv[1:])
 
@@ -204,6 +216,7 @@ def bench(
     backbone: Path = typer.Option(DEFAULT_BACKBONE),
     classifier: Path = typer.Option(DEFAULT_CLASSIFIER),
     threads: int | None = typer.Option(None, help="Torch CPU threads (default: all cores)."),
+    device: str = typer.Option("cpu", help="Where the backbone's transformer runs: cpu, cuda, cuda:1 ..."),
 ) -> None:
     """The seed paper's evaluation on the embedded data: results.json, report.md, plots, sample sets."""
     from ..benchmark import PARTS, run_bench
@@ -211,7 +224,7 @@ def bench(
     _threads(threads)
     chosen = PARTS if parts == "all" else tuple(p.strip() for p in parts.split(",") if p.strip())
     res = run_bench(profile, out, backbone=backbone, classifier=classifier, parts=chosen, progress=False,
-                    meta={"command": _command()})
+                    meta={"command": _command()}, device=_device(device))
     console.print(f"{res['meta']['wall_seconds']:.0f} s of parts; report -> {out / 'report.md'}")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import os
 
 import torch
 
@@ -49,9 +50,15 @@ def progress_bar(name: str, total: int, completed: int, enabled: bool):
 @contextlib.contextmanager
 def deterministic_algorithms():
     """Deterministic kernels inside the block; the caller's setting is restored after it."""
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    # With a GPU present, a kernel without a deterministic variant warns instead of failing (runs there are
+    # reproducible only up to such kernels; the bit-identical guarantees are the CPU's). cuBLAS needs this
+    # workspace setting to be deterministic at all.
+    gpu = torch.cuda.is_available()
+    if gpu:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=gpu)
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(before)
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])

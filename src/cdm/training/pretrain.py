@@ -89,14 +89,17 @@ def public_training_set(cfg: PretrainConfig) -> Source:
 
 
 def git_commit() -> str:
+    """HEAD (``-dirty`` with uncommitted changes to tracked files); ``$CDM_COMMIT`` where the tree is a copy
+    without git (a lent GPU machine)."""
+    unknown = os.environ.get("CDM_COMMIT") or "unknown"
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).resolve().parent)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
                                text=True, timeout=5, cwd=Path(__file__).resolve().parent).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else unknown
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return unknown
 
 
 def machine_info() -> dict:
