@@ -78,3 +78,16 @@ def test_report_checks_the_targets_with_margins(naive, single8, verdicts):
     paragon_line = next(ln for ln in lines if ln.startswith("- composed"))
     assert naive_line.endswith(verdicts[0]) and single_line.endswith(verdicts[1])
     assert paragon_line.endswith(verdicts[2])  # 40.77 / 27 = 1.51
+
+
+def test_report_says_where_each_part_ran():
+    from cdm.benchmark import _where, report
+
+    gpu = _where({"machine": {"cpus": 16, "torch_threads": 3, "torch": "2.11", "cuda": "NVIDIA H200"},
+                  "device": "cuda"})
+    cpu = _where({"machine": {"cpus": 2, "torch_threads": 1, "torch": "2.13", "cuda": None}, "device": "cpu"})
+    assert "H200" in gpu and "H200" not in cpu
+    meta = {"profile": "full", "commit": "x", "wall_seconds": 1.0, "profile_config": {},
+            "part_machines": {"paragon": gpu, "table1": gpu, "continual": cpu}}
+    text = report({"meta": meta})
+    assert f"- {gpu}: paragon, table1" in text and f"- {cpu}: continual" in text

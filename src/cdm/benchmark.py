@@ -76,9 +76,9 @@ PROFILES: dict[str, BenchProfile] = {
     # seconds: keeps the code path alive in CI (numbers mean nothing)
     "toy": BenchProfile(splits=(2,), budget=4, head_steps=2, n=20, sample_steps=3, two_domain_steps=2,
                         two_domain_n=10, continual_n=10, bf16=False, dp_steps=3, attribution_n=4),
-    # what a new user runs: under 25 minutes on 2 cores
-    "quick": BenchProfile(budget=400, head_steps=100, n=200, sample_steps=25, two_domain_steps=200, two_domain_n=100,
-                          continual_n=100, dp_steps=60, attribution_n=60),
+    # what a new user runs: under 25 minutes on 2 cores (fewer steps and samples everywhere; numbers indicative)
+    "quick": BenchProfile(budget=320, head_steps=50, n=100, sample_steps=20, two_domain_steps=150, two_domain_n=100,
+                          continual_n=50, dp_steps=40, attribution_n=40),
     # the README's numbers
     "full": BenchProfile(),
 }
@@ -492,7 +492,8 @@ def run_bench(profile: str | BenchProfile, out: str | Path, *, backbone: str | P
                 "attribution": bench.attribution,
             }[part]()
             res["_part"] = {"wall_seconds": round(time.perf_counter() - t0, 1), "commit": git_commit(),
-                            "machine": machine_info(), "date": time.strftime("%Y-%m-%d %H:%M")}
+                            "machine": machine_info(), "device": device, "command": (meta or {}).get("command"),
+                            "date": time.strftime("%Y-%m-%d %H:%M")}
             atomic_write_json(out / "parts" / f"{part}.json", res)
             done[part] = res
         return done[part]
@@ -507,7 +508,7 @@ def run_bench(profile: str | BenchProfile, out: str | Path, *, backbone: str | P
     results["meta"] = {"commit": git_commit(), "machine": machine_info(), "profile": name,
                        "profile_config": _jsonable(asdict(profile)), "wall_seconds": round(sum(walls.values()), 1),
                        "part_seconds": walls, "part_commits": {p: done[p]["_part"]["commit"] for p in done},
-                       "device": device,
+                       "part_machines": {p: _where(done[p]["_part"]) for p in done}, "device": device,
                        **(meta or {})}
     if "table1" in results:
         _plot_table1(results["table1"], out / "table1.png")
@@ -515,6 +516,13 @@ def run_bench(profile: str | BenchProfile, out: str | Path, *, backbone: str | P
     atomic_write_json(out / "results.json", results)
     atomic_write_bytes(out / "report.md", report(results).encode())
     return results
+
+
+def _where(part: dict) -> str:
+    """Where a part ran, in words: CPUs, torch, and the GPU when the transformer ran on one."""
+    mc, dev = part.get("machine", {}), str(part.get("device", "cpu"))
+    gpu = f", transformer on {mc.get('cuda')}" if dev.startswith("cuda") else ""
+    return f"{mc.get('cpus')} CPUs ({mc.get('torch_threads')} torch threads){gpu}, torch {mc.get('torch')}"
 
 
 def _selection(out: Path, profile: BenchProfile) -> dict:
@@ -538,11 +546,13 @@ def _jsonable(d: dict) -> dict:
 def report(r: dict) -> str:
     """The benchmark's report.md: tables, targets checked against the seed's, plots."""
     m = r["meta"]
+    where: dict[str, list[str]] = {}
+    for part, machine in m.get("part_machines", {}).items():
+        where.setdefault(machine, []).append(part)
     lines = [f"# cdm benchmark ({m['profile']} profile)", "",
-             f"Commit `{m['commit']}`, {m['machine'].get('cpus')} CPUs"
-             + (f", transformer on {m['machine'].get('cuda')}" if str(m.get("device", "cpu")).startswith("cuda")
-                else "") + f", torch {m['machine'].get('torch')}, "
-             f"{m['wall_seconds']:.0f} s of parts. Profile: `{json.dumps(m['profile_config'])}`.", ""]
+             f"Commit `{m['commit']}`, {m['wall_seconds']:.0f} s of parts. Profile: "
+             f"`{json.dumps(m['profile_config'])}`.", ""]
+    lines += [f"- {machine}: {', '.join(parts)}" for machine, parts in where.items()] + ([""] if where else [])
     if "table1" in r:
         t = r["table1"]
         cols = ("paragon", *METHODS)

@@ -89,9 +89,12 @@ def public_training_set(cfg: PretrainConfig) -> Source:
 
 
 def git_commit() -> str:
-    """HEAD (``-dirty`` with uncommitted changes to tracked files); ``$CDM_COMMIT`` where the tree is a copy
-    without git (a lent GPU machine)."""
-    unknown = os.environ.get("CDM_COMMIT") or "unknown"
+    """HEAD (``-dirty`` with uncommitted changes to tracked files). ``$CDM_COMMIT``, when set, is taken instead:
+    for a copy of the tree whose git metadata is absent or stale (e.g. a working tree sent to a GPU machine
+    with the checkout's original ``.git``)."""
+    if os.environ.get("CDM_COMMIT"):
+        return os.environ["CDM_COMMIT"]
+    unknown = "unknown"
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).resolve().parent)
