@@ -99,3 +99,13 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, mo
     assert resumed["finished"] and before != (tmp_path / "checkpoint.safetensors").read_bytes()
     assert Backbone.from_pretrained(tmp_path).hash == Backbone.from_pretrained(
         (pretrain(cfg, tmp_path / "clean", progress=False), tmp_path / "clean")[1]).hash
+
+
+def test_git_commit_takes_cdm_commit_for_tree_copies(monkeypatch):
+    from cdm.training import git_commit
+
+    monkeypatch.delenv("CDM_COMMIT", raising=False)
+    own = git_commit()
+    assert own != "abc123"
+    monkeypatch.setenv("CDM_COMMIT", "abc123")
+    assert git_commit() == "abc123"

@@ -472,8 +472,7 @@ def run_bench(profile: str | BenchProfile, out: str | Path, *, backbone: str | P
             raise ValueError(f"{out} holds a run with another profile; use another --out or delete it")
     atomic_write_json(prof_file, _jsonable(asdict(profile)))
     bench = _Bench(profile, out, Backbone.from_pretrained(backbone).to(device),
-                   DigitClassifier.from_pretrained(classifier),
-                   progress)
+                   DigitClassifier.from_pretrained(classifier), progress)
     done = {p: json.loads((out / "parts" / f"{p}.json").read_text()) for p in PARTS
             if (out / "parts" / f"{p}.json").exists()}
 

@@ -94,15 +94,14 @@ def git_commit() -> str:
     with the checkout's original ``.git``)."""
     if os.environ.get("CDM_COMMIT"):
         return os.environ["CDM_COMMIT"]
-    unknown = "unknown"
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).resolve().parent)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
                                text=True, timeout=5, cwd=Path(__file__).resolve().parent).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else unknown
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
     except (OSError, subprocess.SubprocessError):
-        return unknown
+        return "unknown"
 
 
 def machine_info() -> dict:
