@@ -12,6 +12,9 @@ ten digits under uniform priors (no class priors: the weights come from the dens
     python benchmarks/attribution_domains.py train --domain low  --steps 1000 --out benchmarks/results/attribution
     python benchmarks/attribution_domains.py train --domain high --steps 1000 --out benchmarks/results/attribution
     python benchmarks/attribution_domains.py attribute --n 100 --out benchmarks/results/attribution
+
+``--store`` attributes with the two compartments of an existing store instead (e.g. the full benchmark's
+``stores/two-domain``), so more samples can be scored without retraining.
 """
 
 from __future__ import annotations
@@ -53,6 +56,9 @@ def main() -> None:
     ap.add_argument("--backbone", type=Path, default=WEIGHTS / "backbone")
     ap.add_argument("--prompts", type=int, default=8, help="prompts per block")
     ap.add_argument("--conditional", action="store_true", help="class-conditional compartments, labelled samples")
+    ap.add_argument("--store", type=Path, default=None,
+                    help="attribute: a store holding both domains' compartments, named low and high (e.g. a "
+                    "cdm bench run's stores/two-domain) instead of OUT/store-low and OUT/store-high")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -68,9 +74,10 @@ def main() -> None:
         return
     comps = []
     for name in DOMAINS:
-        with Store.open(args.out / f"store-{name}") as st:
+        with Store.open(args.store or args.out / f"store-{name}") as st:
             comps.append(ops.load_compartment(st, bb, name))
             steps = st.compartment(name)["manifest"]["config"]["steps"]
+    args.out.mkdir(parents=True, exist_ok=True)
     if any(c.config.conditional for c in comps) != args.conditional:
         raise SystemExit("--conditional must match how the stored compartments were trained")
     noise = torch.randn((args.n, 1, 14, 14), generator=torch.Generator().manual_seed(5))
@@ -88,6 +95,10 @@ def main() -> None:
     res = {"two_domain_top1": round(float((top[conf] == domain[conf]).mean()), 4), "confident": int(conf.sum()),
            "n": args.n, "top1_all_samples": round(float((top == domain).mean()), 4),
            "weight_path_top1": round(float((path.argmax(1)[conf] == domain[conf]).mean()), 4),
+           # confident samples whose top credit is the other domain: the classifier's digit and the credit
+           "mismatches": [{"digit": int(pred[i]), "prob": round(float(prob[i]), 3),
+                           "credit_low": round(float(credit[i, 0]), 3)}
+                          for i in np.flatnonzero(conf & (top != domain))],
            "two_domain_entropy": round(float(normalised_entropy(credit).mean()), 4),
            **({} if labels is None else {
                "top1_requested_domain": round(float((top == (labels.numpy() >= 5)).mean()), 4),
