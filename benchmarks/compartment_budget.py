@@ -23,7 +23,7 @@ import torch
 
 from cdm import operations as ops
 from cdm.backbone import Backbone
-from cdm.benchmark import PROFILES, _Bench
+from cdm.benchmark import PROFILES, _Bench, _selection, with_overrides
 from cdm.evaluation import DigitClassifier
 from cdm.io import atomic_write_json
 from cdm.training import git_commit, machine_info
@@ -46,7 +46,7 @@ def main() -> None:
     full = PROFILES["full"]
     if ref["meta"]["profile"] != "full":
         raise SystemExit(f"{args.paragon}: not a full-profile run")
-    profile = type(full)(**{**full.__dict__, "splits": (args.k,), "budget": args.steps * args.k})
+    profile = with_overrides(full, splits=(args.k,), budget=args.steps * args.k)
     t0 = time.perf_counter()
     bench = _Bench(profile, args.out, Backbone.from_pretrained(args.backbone),
                    DigitClassifier.from_pretrained(WEIGHTS / "classifier"), progress=False)
@@ -62,9 +62,8 @@ def main() -> None:
         res.pop("_trajectory", None)
         cells[method], detail[method] = res["fid"], res
         print(f"K={args.k}, {args.steps} steps each, {method}: FID {res['fid']}", flush=True)
-    best = {r["cid"]: (st.compartment(r["cid"])["manifest"].get("validation") or {}).get("best_step")
-            for r in st.compartments(kind="compartment")}
     st.close()
+    best = _selection(args.out, profile)[str(args.k)]["best_steps"]
     out = {"k": args.k, "steps_per_compartment": args.steps, "fair_budget_steps": full.budget // args.k,
            "fid": cells, "fair_budget_fid": {m: ref["table1"][str(args.k)][m] for m in ("router", "naive", "single")},
            "router_over_paragon": round(cells["router"] / cells["paragon"], 4), "best_steps": best,
