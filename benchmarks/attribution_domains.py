@@ -6,8 +6,14 @@ along the probability-flow ODE (likelihood credit, 2 Hutchinson probes, ode-trac
 reports the share of confidently read samples whose top-credit source is the classifier's domain.
 
 ``--conditional`` trains class-conditional compartments instead (the paper's Figure 5 setting: shards of
-different domains with their own classes, CUB-200 vs Cars there) and attributes class-balanced samples of all
-ten digits under uniform priors (no class priors: the weights come from the densities alone).
+different domains with their own classes, CUB-200 vs Cars there). Samples stay unconditional: each source's
+density is then the mixture of its classes, ``p_i(x) = sum_y pi_i(y) p_i(x | y)`` with ``pi_i`` its own class
+frequencies (:class:`cdm.composition.ClassMixtureBank`), and the posterior is tracked over (source, class)
+components and summed per source.
+
+``purity`` samples each compartment alone (its unconditional row, or its class mixture for class-conditional
+ones, along the same ODE) and reports the share of confident samples in its own domain: how well a compartment
+keeps to its source bounds how often the credit can name the classifier's domain.
 
     python benchmarks/attribution_domains.py train --domain low  --steps 1000 --out benchmarks/results/attribution
     python benchmarks/attribution_domains.py train --domain high --steps 1000 --out benchmarks/results/attribution
@@ -33,7 +39,7 @@ from cdm import operations as ops
 from cdm.attribution import attribute, normalised_entropy
 from cdm.backbone import Backbone
 from cdm.compartments import CompartmentConfig
-from cdm.composition import CompartmentBank
+from cdm.composition import ClassMixtureBank, CompartmentBank
 from cdm.data import load_source
 from cdm.demo import write_samples
 from cdm.evaluation import DigitClassifier, classify
@@ -47,7 +53,7 @@ DOMAINS = {"low": "mnist/protected/classes[0-4|5-9]-0", "high": "mnist/protected
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["train", "attribute"])
+    ap.add_argument("what", choices=["train", "attribute", "purity"])
     ap.add_argument("--domain", choices=list(DOMAINS))
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--n", type=int, default=100)
@@ -72,24 +78,56 @@ def main() -> None:
                                                      n_prompts=args.prompts),
                                progress=False)
         return
-    comps = []
+    comps, counts = [], []
     for name in DOMAINS:
         with Store.open(args.store or args.out / f"store-{name}") as st:
             comps.append(ops.load_compartment(st, bb, name))
             steps = st.compartment(name)["manifest"]["config"]["steps"]
+            c = ops._class_counts(st, [name], comps[-1:])
+            counts.append(None if c is None else c[0])
     args.out.mkdir(parents=True, exist_ok=True)
     if any(c.config.conditional for c in comps) != args.conditional:
         raise SystemExit("--conditional must match how the stored compartments were trained")
+    if args.conditional and any(c is None for c in counts):
+        raise SystemExit("class-conditional compartments need their sources' labels in the store")
     noise = torch.randn((args.n, 1, 14, 14), generator=torch.Generator().manual_seed(5))
-    labels = torch.arange(args.n) % 10 if args.conditional else None
-    parts = [attribute(CompartmentBank(bb, comps), noise[s:s + 50], schedule=bb.schedule, priors=[1.0, 1.0],
-                       steps=args.ode_steps, probes=2, seed=s,
-                       cond=None if labels is None else {"y": labels[s:s + 50]}) for s in range(0, args.n, 50)]
-    credit = np.concatenate([p["credit"] for p in parts])
-    path = np.concatenate([p["weight_path"] for p in parts])
-    images = bb.codec.decode(torch.as_tensor(np.concatenate([p["x0"] for p in parts])))
+    clf = DigitClassifier.from_pretrained(WEIGHTS / "classifier")
+
+    def bank_for(members: list[int]):
+        bank = CompartmentBank(bb, [comps[i] for i in members])
+        if not args.conditional:
+            return bank, [1.0] * len(members)
+        mix = ClassMixtureBank(bank, np.stack([counts[i] for i in members]))
+        return mix, mix.priors()
+
+    def run(members: list[int]) -> tuple[dict, np.ndarray]:
+        bank, priors = bank_for(members)
+        parts = [attribute(bank, noise[s:s + 50], schedule=bb.schedule, priors=priors, steps=args.ode_steps,
+                           probes=2, seed=s) for s in range(0, args.n, 50)]
+        out = {k: np.concatenate([p[k] for p in parts]) for k in ("credit", "weight_path", "x0")}
+        return out, bb.codec.decode(torch.as_tensor(out["x0"]))
+
+    density = "class mixture" if args.conditional else "unconditional prompt row"
+    if args.what == "purity":
+        res = {"density": density, "compartment_steps": steps, "n": args.n, "ode_steps": args.ode_steps}
+        for k, name in enumerate(DOMAINS):
+            _, images = run([k])
+            write_samples(args.out, f"purity-{name}", images, None, nrow=20)
+            pred, prob, _ = classify(clf, images)
+            conf = prob >= 0.8
+            own = (pred >= 5) == (name == "high")
+            res[name] = {"own_domain_confident": round(float(own[conf].mean()), 4), "confident": int(conf.sum()),
+                         "own_domain_all": round(float(own.mean()), 4),
+                         "confident_digits": np.bincount(pred[conf], minlength=10).tolist()}
+            print(name, res[name], flush=True)
+        res["meta"] = {"command": "python " + shlex.join(sys.argv), "commit": git_commit(), "machine": machine_info(),
+                       "wall_seconds": round(time.perf_counter() - t0, 1), "date": time.strftime("%Y-%m-%d")}
+        atomic_write_json(args.out / "purity.json", res)
+        return
+    out, images = run([0, 1])
+    credit, path = out["credit"], out["weight_path"]
     write_samples(args.out, "samples", images, None, nrow=20)
-    pred, prob, _ = classify(DigitClassifier.from_pretrained(WEIGHTS / "classifier"), images)
+    pred, prob, _ = classify(clf, images)
     conf, domain = prob >= 0.8, (pred >= 5).astype(int)
     top = np.clip(credit, 0, None).argmax(1)
     res = {"two_domain_top1": round(float((top[conf] == domain[conf]).mean()), 4), "confident": int(conf.sum()),
@@ -100,10 +138,7 @@ def main() -> None:
                            "credit_low": round(float(credit[i, 0]), 3)}
                           for i in np.flatnonzero(conf & (top != domain))],
            "two_domain_entropy": round(float(normalised_entropy(credit).mean()), 4),
-           **({} if labels is None else {
-               "top1_requested_domain": round(float((top == (labels.numpy() >= 5)).mean()), 4),
-               "judge_accuracy": round(float((pred == labels.numpy()).mean()), 4)}),
-           "conditional": args.conditional, "compartment_steps": steps,
+           "conditional": args.conditional, "density": density, "compartment_steps": steps,
            "prompts": comps[0].config.n_prompts, "ode_steps": args.ode_steps,
            "backbone": bb.hash,
            "meta": {"command": "python " + shlex.join(sys.argv), "commit": git_commit(), "machine": machine_info(),

@@ -8,7 +8,7 @@ import torch
 
 from cdm.attribution import attribute, divergence, normalised_entropy, weight_path_credit
 from cdm.compartments import Compartment, CompartmentConfig
-from cdm.composition import CompartmentBank
+from cdm.composition import ClassMixtureBank, CompartmentBank
 from cdm.sampling import NoiseSchedule
 
 
@@ -85,3 +85,82 @@ def test_compartment_bank_attribution_runs_and_helpers(backbone):
 
         attribute(CompartmentBank(backbone, comps), torch.randn(1, 1, 14, 14), schedule=backbone.schedule,
                   weighting=ItoWeighting(backbone.schedule))
+
+
+def _gauss_at(mean: torch.Tensor, schedule: NoiseSchedule):
+    """eps of N(mean, S^2 I) under the VP forward process (mean shaped like one sample)."""
+    abar = schedule.alphas_cumprod
+
+    def eps(x, t, **_):
+        a = abar[t].view(-1, 1, 1, 1).to(x.dtype)
+        return (1 - a).sqrt() * (x - a.sqrt() * mean) / (a * S**2 + (1 - a))
+
+    return eps
+
+
+def test_grouped_components_sum_to_their_source_and_track_the_finer_mixture():
+    """Two sources, each a mixture of two Gaussians (the class-mixture case): grouped credits are the sums of the
+    component credits of the same run, the tracked likelihood is the 4-component mixture's, and each sample's
+    credit goes to the source whose half of the space it ended in."""
+    sched = NoiseSchedule()
+    signs = [(1, 1), (1, -1), (-1, 1), (-1, -1)]  # (source sign on dims 0-1, component sign on dims 2-3)
+    means = [MU * torch.tensor([a, a, b, b], dtype=torch.float32).view(1, 2, 2) for a, b in signs]
+    bank = [_gauss_at(m, sched) for m in means]
+    x_T = torch.randn(8, 1, 2, 2, generator=torch.Generator().manual_seed(3))
+    groups = [0, 0, 1, 1]
+    fine = attribute(bank, x_T, schedule=sched, steps=1000, exact=True, abar_floor=0.0)
+    grouped = attribute(bank, x_T, schedule=sched, steps=1000, exact=True, abar_floor=0.0, groups=groups)
+    assert np.allclose(grouped["x0"], fine["x0"])  # grouping changes the report, not the path
+    summed = np.stack([fine["L"][:, :2].sum(1), fine["L"][:, 2:].sum(1)], 1)
+    assert np.allclose(grouped["L"], summed) and grouped["credit"].shape == (8, 2)
+    assert np.allclose(grouped["weight_path"], np.stack([fine["weight_path"][:, :2].sum(1),
+                                                         fine["weight_path"][:, 2:].sum(1)], 1), atol=1e-6)
+    x0 = torch.as_tensor(fine["x0"]).flatten(1).double()
+    var0, var_T = S**2, float(sched.alphas_cumprod[999]) * S**2 + 1 - float(sched.alphas_cumprod[999])
+
+    def log_mix(x, a, var):
+        parts = [-(x - math.sqrt(a) * m.flatten().double()).pow(2).sum(1) / (2 * var) for m in means]
+        return torch.logsumexp(torch.stack(parts), 0) - math.log(4) - 2 * math.log(2 * math.pi * var)
+
+    truth = log_mix(x0, 1.0, var0) - log_mix(torch.as_tensor(x_T).flatten(1).double(),
+                                             float(sched.alphas_cumprod[999]), var_T)
+    assert np.abs(grouped["loglik_change"] - truth.numpy()).max() < 0.1  # nats; 200 steps: up to 0.3 low
+    side = (x0[:, :2].mean(1) < 0).long().numpy()
+    assert (grouped["credit"].argmax(1) == side).all() and (grouped["weight_path"].argmax(1) == side).all()
+    with pytest.raises(ValueError, match="groups"):
+        attribute(bank, x_T, schedule=sched, steps=2, exact=True, groups=[0, 1])
+
+
+def test_class_mixture_bank_routes_components_to_their_compartment_and_class(backbone):
+    comps = []
+    for seed in (0, 1):
+        c = Compartment.for_backbone(backbone, CompartmentConfig(n_prompts=2, conditional=True))
+        c.init_prompts(torch.Generator().manual_seed(seed))
+        with torch.no_grad():  # open the gates so that classes and compartments differ
+            c.prompts.table.weight[:, c.prompts.n_prompt_numbers:] = 0.5
+        comps.append(c)
+    classes = comps[0].num_classes
+    counts = np.zeros((2, classes))
+    counts[0, :2] = [30, 10]  # source 0: classes 0 and 1
+    counts[1, 5] = 7  # source 1: class 5 only
+    mix = ClassMixtureBank(CompartmentBank(backbone, comps), counts)
+    assert len(mix) == 3 and mix.source.tolist() == [0, 0, 1] and mix.label.tolist() == [0, 1, 5]
+    assert np.allclose(mix.priors(), [0.75, 0.25, 1.0]) and np.allclose(mix.priors([2.0, 1.0]), [1.5, 0.5, 1.0])
+    x = torch.randn(3, 1, 14, 14, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([100, 500, 900])
+    out = mix(x, t, torch.tensor([0, 1, 2]))
+    for row, (i, y) in enumerate([(0, 0), (0, 1), (1, 5)]):
+        want = comps[i].eps(backbone, x[row:row + 1], t[row:row + 1], torch.tensor([y]))
+        assert torch.allclose(out[row:row + 1], want, atol=1e-6)
+    r = attribute(mix, torch.randn(2, 1, 14, 14), schedule=backbone.schedule, priors=mix.priors(), steps=2)
+    assert r["credit"].shape == (2, 2) and r["weights"].shape == (2, 2, 2)  # per source, not per component
+    assert np.allclose(r["weights"].sum(-1), 1, atol=1e-5)
+    with pytest.raises(ValueError, match="no label"):
+        mix(x, t, torch.tensor([0, 1, 2]), y=torch.tensor([1, 1, 1]))
+    with pytest.raises(ValueError, match="no labelled sample"):
+        ClassMixtureBank(CompartmentBank(backbone, comps), np.zeros((2, classes)))
+    with pytest.raises(ValueError, match="shaped"):
+        ClassMixtureBank(CompartmentBank(backbone, comps), counts[:, :3])
+    unconditional = Compartment.for_backbone(backbone, CompartmentConfig(n_prompts=2, conditional=False))
+    with pytest.raises(ValueError, match="class-conditional"):
+        ClassMixtureBank(CompartmentBank(backbone, [unconditional]), counts[:1])

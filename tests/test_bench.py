@@ -42,6 +42,8 @@ def test_toy_bench_writes_the_documented_schema(toy):
     assert set(res["dp"]) == {"3", "8", "inf"} and res["dp"]["inf"]["epsilon"] is None
     assert 0 < res["dp"]["3"]["epsilon"] <= 3.05 and res["dp"]["3"]["dp"]["noise_multiplier"] > 0
     assert 0 <= res["attribution"]["same_domain_entropy"] <= 1
+    assert res["attribution"]["density"].startswith("class mixture")
+    assert (out / "stores" / "two-domain-classes" / "registry.sqlite").exists()  # its own class-conditional pair
     for f in ("report.md", "table1.png", "two_domain_weights.png", "continual.png", "credit.png"):
         assert (out / f).stat().st_size > 0
     assert "Table 1 analog" in (out / "report.md").read_text()

@@ -174,3 +174,27 @@ def test_class_priors_follow_the_stored_samples(tmp_path, backbone, parts):
         forget_samples(st, backbone, "s0", threes, progress=False)  # s0 no longer holds a 3: no weight for class 3
         after = prior()
         assert after[0, 3] == 0 and after[1, 3] == 1 and after[0, 2] == pytest.approx(counts[0, 2] / counts[:, 2].sum())
+
+
+def test_attribute_samples_uses_each_sources_class_mixture(tmp_path, backbone, parts):
+    from cdm.errors import CdmError
+    from cdm.operations import attribute_samples
+
+    low = parts[0].subset(np.flatnonzero(parts[0].labels < 3), id="low")  # classes 0-2 only
+    high = parts[1].subset(np.flatnonzero(parts[1].labels >= 7), id="high")  # classes 7-9 only
+    with Store.create(tmp_path / "st") as st:
+        add_source(st, backbone, low, name="low", cfg=CFG, progress=False)
+        add_source(st, backbone, high, name="high", cfg=CFG, progress=False)
+        r = attribute_samples(st, backbone, ["low", "high"], n=3, steps=2)
+        assert r["density"] == "class-mixture" and r["credit"].shape == (3, 2) and r["weights"].shape == (2, 3, 2)
+        assert r["priors"] == [len(low), len(high)]
+        row = attribute_samples(st, backbone, ["low", "high"], n=3, steps=2, density="prompt-row")
+        assert row["density"] == "prompt-row" and not np.allclose(row["x0"], r["x0"])  # another density
+        with pytest.raises(CdmError, match="unknown density"):
+            attribute_samples(st, backbone, ["low", "high"], n=1, steps=1, density="mixture")
+        add_source(st, backbone, parts[0], name="uncond", cfg=CompartmentConfig(**{**CFG.to_dict(),
+                                                                                   "conditional": False}),
+                   progress=False)
+        assert attribute_samples(st, backbone, ["uncond"], n=1, steps=1)["density"] == "prompt-row"
+        with pytest.raises(CdmError, match="not class-conditional"):
+            attribute_samples(st, backbone, ["uncond"], n=1, steps=1, density="class-mixture")

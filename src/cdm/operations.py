@@ -102,28 +102,54 @@ def add_source_dp(store: Store, backbone: Backbone, source: Source, *, name: str
 
 def attribute_samples(store: Store, backbone: Backbone, names: list[str], *, n: int = 16, seed: int = 0,
                       steps: int = 25, probes: int = 2, exact: bool = False, priors: list[float] | None = None,
-                      weighting: str = "ode") -> dict:
+                      weighting: str = "ode", density: str = "auto") -> dict:
     """Generate ``n`` unconditional samples from the composition of stored compartments ``names`` along the
     probability-flow ODE and attribute each to the sources (:func:`cdm.attribution.attribute`). ``weighting``:
     ``ode`` (tracked along the path) or a learned one from the store (router | classifier | isolated). Default
-    priors: proportional to source size. Returns the attribution dict plus ``images`` (uint8) and ``names``."""
+    priors: proportional to source size.
+
+    ``density``: each source's unconditional density. ``class-mixture``: its class-conditional compartment's
+    classes weighted by the source's own class counts (:class:`~cdm.composition.ClassMixtureBank`; needs
+    class-conditional compartments, labelled sources and the ``ode`` weighting, as learned heads score sources,
+    not (source, class) pairs); ``prompt-row``: the compartment's unconditional prompts; ``auto``: the class
+    mixture where it applies. Returns the attribution dict plus ``images`` (uint8), ``names`` and ``density``."""
     from .attribution import attribute
-    from .composition import CompartmentBank
+    from .composition import ClassMixtureBank, CompartmentBank
 
     if not names:
         raise CdmError("no sources to attribute to")
+    if density not in DENSITIES:
+        raise CdmError(f"unknown density {density!r}; known: {', '.join(DENSITIES)}")
     comps = [load_compartment(store, backbone, nm) for nm in names]
     if priors is None:
         priors = [float(store.source(nm)["n"]) for nm in names]
     w = None if weighting == "ode" else load_weighting(store, backbone, names, weighting)
+    bank, row_priors = CompartmentBank(backbone, comps), list(priors)
+    if density != "prompt-row":
+        counts = _class_counts(store, names, comps)
+        why = ("the compartments are not class-conditional" if not all(c.config.conditional for c in comps) else
+               "a source's labels are missing" if counts is None or (counts.sum(1) == 0).any() else
+               f"the {weighting} weighting scores sources, not (source, class) pairs" if w is not None else None)
+        if why is None:
+            bank = ClassMixtureBank(bank, counts)
+            row_priors = bank.priors(priors)
+            density = "class-mixture"
+        elif density == "class-mixture":
+            raise CdmError(f"no class mixture: {why}")
+        else:
+            density = "prompt-row"
     m = backbone.codec.model_size
     noise = torch.randn((n, backbone.config.in_chans, m, m), generator=torch.Generator().manual_seed(seed))
-    out = attribute(CompartmentBank(backbone, comps), noise, schedule=backbone.schedule, priors=priors, weighting=w,
+    out = attribute(bank, noise, schedule=backbone.schedule, priors=row_priors, weighting=w,
                     steps=steps, probes=probes, exact=exact, seed=seed)
     out["images"] = backbone.codec.decode(torch.as_tensor(out["x0"]))
     out["names"] = list(names)
     out["priors"] = list(priors)
+    out["density"] = density
     return out
+
+
+DENSITIES = ("auto", "class-mixture", "prompt-row")  # attribute_samples(density=...)
 
 
 def train_paragon(store: Store, backbone: Backbone, *, cfg: CompartmentConfig, sources: list[str] | None = None,

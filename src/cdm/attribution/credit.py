@@ -35,6 +35,11 @@ spread, while the likelihood credit follows the source that was chosen at the en
 fell gets a negative transfer term. A source with a small prior but a decisive late role can win the
 likelihood credit and lose the weight path.
 
+Mixtures of components: when a source's density is itself a mixture (a class-conditional compartment's
+classes, :class:`~cdm.composition.ClassMixtureBank`), the bank's rows are the components, the posterior is
+tracked over them, and ``w_i``, ``L_i`` of a source are the sums over its components (both are additive, since
+``div(w_i v_i) = sum_y div(w_iy v_iy)`` when ``w_i v_i = sum_y w_iy v_iy``).
+
 Weights along the path: ``ode`` (default) tracks ``log p_t^i(x_t)`` along the ODE path itself, by the
 continuity equation of each source, ``d log p^i = (-div v_i + <s_i, v - v_i>) dt``, with the same divergences
 (the deterministic counterpart of the Ito estimator, which needs a stochastic path and is refused here). Any
@@ -89,7 +94,8 @@ def _timesteps(schedule: NoiseSchedule, steps: int) -> list[int]:
 
 def attribute(bank, x_T: torch.Tensor, *, schedule: NoiseSchedule, priors: Sequence[float] | None = None,
               weighting=None, steps: int = 25, probes: int = 2, exact: bool = False, seed: int = 0,
-              cond: dict | None = None, abar_floor: float = 1e-3, clip: bool = False) -> dict:
+              cond: dict | None = None, abar_floor: float = 1e-3, clip: bool = False,
+              groups: Sequence[int] | torch.Tensor | None = None) -> dict:
     """Generate from ``x_T`` along the probability-flow ODE of the composition of ``bank`` (a
     :class:`~cdm.composition.CompartmentBank` or any ``bank(x, t, index, **cond)``) and attribute each sample.
 
@@ -103,6 +109,11 @@ def attribute(bank, x_T: torch.Tensor, *, schedule: NoiseSchedule, priors: Seque
     hence ``log p_0(x_0) - log p_t1(x_t1)`` from the second step's time t1. On such a step the predicted x_0
     is clipped to [-1, 1] (as the shipped DDIM sampler does on every step; ``clip=True`` does that too, at the
     price of leaving the exact ODE).
+
+    ``groups`` maps each row of the bank (a mixture component) to the source it belongs to; the credits, the
+    weights and the weight path are then per source (sums over its components: ``L`` and ``w`` are additive).
+    Default: the bank's own ``source`` map (a :class:`~cdm.composition.ClassMixtureBank`), else one row per
+    source. ``priors`` are per row.
     """
     if steps < 1 or (not exact and probes < 1):
         raise ValueError("steps and probes must be >= 1")
@@ -117,6 +128,12 @@ def attribute(bank, x_T: torch.Tensor, *, schedule: NoiseSchedule, priors: Seque
     if weighting is not None and getattr(weighting, "name", "") == "ito":
         raise ValueError("the ito weighting needs a stochastic (ancestral) path; attribution follows the ODE: use "
                          "the default ode tracking or a learned weighting")
+    if groups is None:
+        groups = getattr(bank, "source", None)
+    group = torch.arange(n) if groups is None else torch.as_tensor(groups, dtype=torch.long).reshape(-1)
+    if group.shape != (n,) or (group < 0).any():
+        raise ValueError(f"groups must map each of the {n} bank rows to a source index >= 0")
+    n_src = int(group.max()) + 1
     log_prior = (lam / lam.sum()).log()
     cond = cond or {}
     gen = torch.Generator().manual_seed(seed)
@@ -180,7 +197,10 @@ def attribute(bank, x_T: torch.Tensor, *, schedule: NoiseSchedule, priors: Seque
         if a < abar_floor or clip:  # at pure noise x0 = (x - eps)/sqrt(abar) magnifies the error ~1e4-fold
             x0 = x0.clamp(-1, 1)
         x = (float(a_next.sqrt()) * x0 + float((1 - a_next).sqrt()) * eps_c).detach()
-    W = torch.stack(weights)  # (steps, B, n)
+    if groups is not None:  # components -> sources
+        L = torch.zeros(P, b, n_src, dtype=L.dtype).index_add_(2, group, L)
+        weights = [torch.zeros(b, n_src, dtype=w.dtype).index_add_(1, group, w) for w in weights]
+    W = torch.stack(weights)  # (steps, B, sources)
     dt = torch.tensor([t - (ts[k + 1] if k + 1 < len(ts) else 0) for k, t in enumerate(ts)], dtype=torch.float32)
     path = (W * dt.view(-1, 1, 1)).sum(0) / dt.sum()
     total = L.sum(-1)  # (P, B)

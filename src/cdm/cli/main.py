@@ -544,6 +544,9 @@ def attribute(
     exact: bool = typer.Option(False, help="Exact divergence (one backward pass per dimension; slow)."),
     weighting: str = typer.Option("ode", help="ode (tracked along the path) | router | classifier | isolated."),
     priors: str | None = typer.Option(None, help="Comma-separated lambda_i (default: source sizes)."),
+    density: str = typer.Option("auto", help="Each source's density: class-mixture (its classes weighted by its "
+                                "own class counts) | prompt-row (its unconditional prompts) | auto (the class "
+                                "mixture where it applies)."),
     seed: int = typer.Option(0),
     backbone: Path = typer.Option(DEFAULT_BACKBONE),
     threads: int | None = typer.Option(None),
@@ -563,20 +566,21 @@ def attribute(
     bb = Backbone.from_pretrained(backbone)
     with _open_store(store) as st:
         r = attribute_samples(st, bb, names, n=n, seed=seed, steps=steps, probes=probes, exact=exact, priors=lam,
-                              weighting=weighting)
+                              weighting=weighting, density=density)
     write_samples(out, "samples", r["images"], None, nrow=min(n, 10))
     per = [{"sample": i, "credit": dict(zip(names, map(float, r["credit"][i]), strict=True)),
             "credit_se": dict(zip(names, map(float, r["credit_se"][i]), strict=True)),
             "weight_path": dict(zip(names, map(float, r["weight_path"][i]), strict=True)),
             "loglik_change_nats": float(r["loglik_change"][i])} for i in range(n)]
-    summary = {"sources": names, "priors": r["priors"], "weighting": weighting, "steps": steps,
+    summary = {"sources": names, "priors": r["priors"], "density": r["density"], "weighting": weighting, "steps": steps,
                "probes": r["probes"], "exact": exact, "seed": seed, "command": _command(),
                "mean_credit": dict(zip(names, map(float, r["credit"].mean(0)), strict=True)),
                "mean_weight_path": dict(zip(names, map(float, r["weight_path"].mean(0)), strict=True)),
                "samples": per}
     atomic_write_json(out / "credits.json", summary)
     top = np.clip(r["credit"], 0, None).argmax(1)
-    console.print(f"{n} samples -> {out / 'samples.png'}; credits -> {out / 'credits.json'}; top-credit source: "
+    console.print(f"{n} samples ({r['density']}) -> {out / 'samples.png'}; credits -> {out / 'credits.json'}; "
+                  "top-credit source: "
                   + ", ".join(f"{nm} {int((top == k).sum())}" for k, nm in enumerate(names))
                   + "; mean credit " + ", ".join(f"{k}={v:.2f}" for k, v in summary["mean_credit"].items())
                   + "; mean weight path " + ", ".join(f"{k}={v:.2f}" for k, v in summary["mean_weight_path"].items()))

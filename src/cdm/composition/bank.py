@@ -41,3 +41,55 @@ class CompartmentBank:
         labels = first.backbone_labels(y, x.shape[0])
         return self.backbone.net(x, t, y=None if labels is None else labels.to(x.device), return_mid=return_mid,
                                  **prompt_kw)
+
+
+class ClassMixtureBank:
+    """The unconditional density of each class-conditional compartment as the mixture of its classes,
+    ``p_i(x) = sum_y pi_i(y) p_i(x | y)``, with ``pi_i`` the class frequencies of source i's own data.
+
+    A class-conditional compartment's unconditional prompt row only refines the backbone's null-class
+    prediction, and the backbone (public data, every class) draws every class there: measured on the shipped
+    backbone, a digits-0-4 compartment's unconditional row still drew confident 5-9 digits in 20-23% of its
+    samples (``benchmarks/attribution_domains.py``). The class mixture puts mass only on the classes the source
+    holds, so it is the density to compose and attribute with when sources have labels and samples are
+    unconditional. Each component (source i, class y with ``n_i(y) > 0``) is one row of the bank; the composition
+    over components with priors ``lambda_i pi_i(y)`` (:meth:`priors`) is Prop. 3.1 applied to the finer mixture,
+    and per-source weights or credits are the sums over a source's components (:attr:`source`).
+    """
+
+    def __init__(self, bank: CompartmentBank, class_counts):
+        import numpy as np
+
+        counts = np.asarray(class_counts, dtype=np.float64)
+        first = bank.compartments[0]
+        if not first.config.conditional:
+            raise ValueError("a class mixture needs class-conditional compartments")
+        if counts.shape != (len(bank), first.num_classes) or not np.isfinite(counts).all() or (counts < 0).any():
+            raise ValueError(f"class_counts must be non-negative, shaped ({len(bank)}, {first.num_classes}); got "
+                             f"{counts.shape}")
+        empty = np.flatnonzero(counts.sum(1) == 0)
+        if empty.size:
+            raise ValueError(f"source(s) {empty.tolist()} hold no labelled sample: no class mixture")
+        src, cls = np.nonzero(counts > 0)
+        self.bank = bank
+        self.source = torch.as_tensor(src, dtype=torch.long)  # component -> source index
+        self.label = torch.as_tensor(cls, dtype=torch.long)  # component -> class
+        self.class_prior = torch.as_tensor(counts[src, cls] / counts.sum(1)[src], dtype=torch.float64)
+        self.n_sources = len(bank)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def priors(self, source_priors=None) -> list[float]:
+        """Component priors ``lambda_i pi_i(y)`` from per-source ``lambda`` (default uniform)."""
+        lam = torch.ones(self.n_sources, dtype=torch.float64) if source_priors is None else \
+            torch.as_tensor(source_priors, dtype=torch.float64)
+        if lam.shape != (self.n_sources,):
+            raise ValueError(f"need {self.n_sources} source priors, got {tuple(lam.shape)}")
+        return (lam[self.source] * self.class_prior).tolist()
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, index: torch.Tensor, y: torch.Tensor | None = None,
+                 return_mid: bool = False):
+        if y is not None:
+            raise ValueError("a class mixture is the unconditional density: it takes no label")
+        return self.bank(x, t, self.source[index], y=self.label[index], return_mid=return_mid)
