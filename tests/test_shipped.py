@@ -62,3 +62,7 @@ def test_demo_runs_end_to_end(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["backbone"]["n"] == 10
     assert res["compartments"]["composed"]["routed_to_owner"] == 1.0  # class priors: each digit to its owner
     assert (tmp_path / "composed-unconditional.npz").stat().st_size > 0
+    att = res["attribution"]
+    assert att["density"] == "class-mixture" and att["n"] == 2 and (tmp_path / "attribution.png").stat().st_size > 0
+    assert all(abs(sum(s["credit"]) - 1) < 1e-6 and len(s["weight_path"]) == 2 for s in att["samples"])
+    assert "Credit attribution" in (tmp_path / "report.md").read_text()

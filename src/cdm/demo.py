@@ -2,8 +2,9 @@
 
 1. Sample the shipped backbone (public data only) and score it with the shipped classifier.
 2. Build a compartment store from two protected sources (digits 0-4 and 5-9), train one compartment each,
-   sample from each, compose both (Ito weights; a weight plot), then forget one source and show that it is
-   gone (registry and audit log).
+   sample from each, compose both (Ito weights; a weight plot), attribute unconditional samples to the sources
+   that made them (likelihood credit over each source's class mixture), then forget one source and show that
+   it is gone (registry and audit log).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from .data import load_source
 from .evaluation import DigitClassifier, classify, fid, judge
 from .generation import generate, sample_backbone
 from .io import atomic_write_bytes, atomic_write_json
-from .operations import add_source, compose, forget_source, load_compartment
+from .operations import add_source, attribute_samples, compose, forget_source, load_compartment
 from .store import Store
 from .viz import save_grid
 
@@ -140,6 +141,26 @@ def run_demo(out: Path, *, backbone: Path, classifier: Path, per_class: int = 10
                              "unconditional_weight_agrees": None if agree is None else round(agree, 4)}
         log(f"composed (ito): accuracy {j['accuracy']:.3f}; unconditional: {confident.mean():.1%} read confidently, "
             f"of which {agree or 0:.1%} end with most weight on the compartment of their digit")
+        # credit attribution: unconditional samples along the probability-flow ODE, each source's density the
+        # mixture of its classes; which compartment made each sample, read from the path alone
+        t0 = time.perf_counter()
+        att = attribute_samples(st, bb, list(DEMO_SOURCES), n=2 * per_class, seed=seed + 2, steps=25, probes=2)
+        write_samples(out, "attribution", att["images"], None, nrow=per_class)
+        pred, prob, _ = classify(judge_net, att["images"])
+        top = np.clip(att["credit"], 0, None).argmax(1)
+        conf = prob >= 0.8
+        results["attribution"] = {
+            "n": len(top), "density": att["density"], "confident": int(conf.sum()),
+            "top_credit_is_digit_owner": None if not conf.any() else
+            round(float(np.mean(top[conf] == (pred[conf] >= 5))), 4),
+            "seconds": round(time.perf_counter() - t0, 1),
+            "samples": [{"digit": int(pred[i]), "prob": round(float(prob[i]), 3),
+                         "credit": [round(float(c), 3) for c in att["credit"][i]],
+                         "credit_se": [round(float(c), 4) for c in att["credit_se"][i]],
+                         "weight_path": [round(float(c), 3) for c in att["weight_path"][i]]} for i in range(len(top))]}
+        a = results["attribution"]
+        log(f"attribution: {a['confident']} of {a['n']} samples read confidently; the top-credit source holds the "
+            f"digit for {(a['top_credit_is_digit_owner'] or 0):.1%} of them")
         forgotten = forget_source(st, "digits-5-9", reason="demo: the owner withdrew consent")
         remaining = [s["id"] for s in st.sources()]
         audit = st.audit_log(limit=6)
@@ -209,7 +230,11 @@ samples by the digit they became (starts at lambda = 1/2, then each sample commi
 
 ![weights](weights.png)
 
-## 4. Forgetting
+## 4. Who made this image? Credit attribution
+
+{_attribution_section(r, per_class)}
+
+## 5. Forgetting
 
 `digits-5-9` was forgotten in {f['seconds'] * 1000:.0f} ms (no training): removed {f['removed']}; the store now
 lists {f['remaining_sources']}; consistency check: {'clean' if not f['store_problems'] else f['store_problems']}.
@@ -220,3 +245,25 @@ lists {f['remaining_sources']}; consistency check: {'clean' if not f['store_prob
 
 Total wall time {r['seconds']} s.
 """
+
+
+def _attribution_section(r: dict, per_class: int) -> str:
+    a = r.get("attribution")
+    if a is None:
+        return "(not run)"
+    share = "-" if a["top_credit_is_digit_owner"] is None else f"{a['top_credit_is_digit_owner']:.1%}"
+    rows = "\n".join(f"| {i} | {s['digit']} ({s['prob']:.2f}) | {s['credit'][0]:.2f} ± {s['credit_se'][0]:.2f} | "
+                     f"{s['credit'][1]:.2f} | {s['weight_path'][0]:.2f} / {s['weight_path'][1]:.2f} |"
+                     for i, s in enumerate(a["samples"][:per_class]))
+    return f"""{a['n']} unconditional samples from the composition, generated along the probability-flow ODE (25
+steps). Each source's density is the mixture of its classes weighted by its own class counts, so nothing tells
+the sampler which source or digit to draw. The likelihood credit `C_i = L_i / sum_j L_j`, `L_i = int div(w_i
+v_i) dt` along the path (Hutchinson, 2 probes; ± its standard error), says which source's compartment made the
+sample; the weight path is the time-integrated weight. {a['confident']} samples are read confidently by the
+classifier; for {share} of them the top-credit source is the one that holds that digit ({a['seconds']} s).
+
+![attributed samples](attribution.png)
+
+| sample (first row) | read as (probability) | credit digits-0-4 | credit digits-5-9 | weight path 0-4 / 5-9 |
+|---|---|---|---|---|
+{rows}"""
