@@ -129,6 +129,10 @@ def test_grouped_components_sum_to_their_source_and_track_the_finer_mixture():
     assert (grouped["credit"].argmax(1) == side).all() and (grouped["weight_path"].argmax(1) == side).all()
     with pytest.raises(ValueError, match="groups"):
         attribute(bank, x_T, schedule=sched, steps=2, exact=True, groups=[0, 1])
+    from cdm.composition import OracleWeighting
+
+    with pytest.raises(ValueError, match="mixture components"):
+        attribute(bank, x_T, schedule=sched, steps=2, exact=True, groups=groups, weighting=OracleWeighting([]))
 
 
 def test_class_mixture_bank_routes_components_to_their_compartment_and_class(backbone):

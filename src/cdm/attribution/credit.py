@@ -134,6 +134,9 @@ def attribute(bank, x_T: torch.Tensor, *, schedule: NoiseSchedule, priors: Seque
     if group.shape != (n,) or (group < 0).any():
         raise ValueError(f"groups must map each of the {n} bank rows to a source index >= 0")
     n_src = int(group.max()) + 1
+    if groups is not None and weighting is not None:
+        raise ValueError("a weighting scores sources, not mixture components: attribute a grouped bank with the "
+                         "default ode tracking")
     log_prior = (lam / lam.sum()).log()
     cond = cond or {}
     gen = torch.Generator().manual_seed(seed)
