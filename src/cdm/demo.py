@@ -252,7 +252,7 @@ def _attribution_section(r: dict, per_class: int) -> str:
     if a is None:
         return "(not run)"
     share = "-" if a["top_credit_is_digit_owner"] is None else f"{a['top_credit_is_digit_owner']:.1%}"
-    rows = "\n".join(f"| {i} | {s['digit']} ({s['prob']:.2f}) | {s['credit'][0]:.2f} ± {s['credit_se'][0]:.2f} | "
+    rows = "\n".join(f"| {i} | {s['digit']} ({s['prob']:.2f}) | {s['credit'][0]:.2f} ± {s['credit_se'][0]:.3f} | "
                      f"{s['credit'][1]:.2f} | {s['weight_path'][0]:.2f} / {s['weight_path'][1]:.2f} |"
                      for i, s in enumerate(a["samples"][:per_class]))
     return f"""{a['n']} unconditional samples from the composition, generated along the probability-flow ODE (25
