@@ -311,7 +311,7 @@ class _Bench:
         compartments of different domains (digits 0-4 vs 5-9) and the 2-way stratified split (one domain). Each
         source's density is the mixture of its classes weighted by its own class counts (``ClassMixtureBank``):
         a compartment's unconditional prompt row stays close to the public backbone, which draws every digit
-        (a 0-4 row drew confident 5-9 digits in 20-23% of its samples), so credits on rows could not name the
+        (a 0-4 row drew 5-9 digits in 19% of its confidently read samples), so credits on rows could not name the
         domain more often than that."""
         from .attribution import attribute, normalised_entropy
         from .composition import ClassMixtureBank, CompartmentBank
