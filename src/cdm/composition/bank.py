@@ -44,17 +44,17 @@ class CompartmentBank:
 
 
 class ClassMixtureBank:
-    """The unconditional density of each class-conditional compartment as the mixture of its classes,
-    ``p_i(x) = sum_y pi_i(y) p_i(x | y)``, with ``pi_i`` the class frequencies of source i's own data.
+    """The unconditional density of each class-conditional compartment as the mixture of its classes, ``p_i(x) = sum_y
+    pi_i(y) p_i(x | y)``, with ``pi_i`` the class frequencies of source i's own data.
 
-    A compartment's unconditional prompt row (the one row of an unconditional compartment) only refines
-    the backbone's null-class prediction, and the backbone (public data, every class) draws every class
-    there: measured on the shipped backbone, a digits-0-4 row drew 5-9 digits in 19% of its confidently
-    read samples and a 5-9 row 0-4 digits in 22% (``benchmarks/attribution_domains.py purity``). The class
-    mixture puts mass only on the classes the source holds, so it is the density to compose and attribute
-    with when sources have labels and samples are unconditional. Each component (source i, class y with ``n_i(y) > 0``) is one row of the bank; the composition
-    over components with priors ``lambda_i pi_i(y)`` (:meth:`priors`) is Prop. 3.1 applied to the finer mixture,
-    and per-source weights or credits are the sums over a source's components (:attr:`source`).
+    A compartment's unconditional prompt row (the one row of an unconditional compartment) only refines the
+    backbone's null-class prediction, and the backbone (public data, every class) draws every class there: measured
+    on the shipped backbone, a digits-0-4 row drew 5-9 digits in 19% of its confidently read samples and a 5-9 row
+    0-4 digits in 22% (``benchmarks/attribution_domains.py purity``). The class mixture puts mass only on the
+    classes the source holds, so it is the density to compose and attribute with when sources have labels and
+    samples are unconditional. Each component (source i, class y with ``n_i(y) > 0``) is one row of the bank; the
+    composition over components with priors ``lambda_i pi_i(y)`` (:meth:`priors`) is Prop. 3.1 applied to the finer
+    mixture, and per-source weights or credits are the sums over a source's components (:attr:`source`).
     """
 
     def __init__(self, bank: CompartmentBank, class_counts):
