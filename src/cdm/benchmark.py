@@ -314,7 +314,6 @@ class _Bench:
         (a 0-4 row drew 5-9 digits in 19% of its confidently read samples), so credits on rows could not name the
         domain more often than that."""
         from .attribution import attribute, normalised_entropy
-        from .composition import ClassMixtureBank, CompartmentBank
 
         settings = {"two_domain": (self.two_domain_store(conditional=True), list(DOMAINS)),
                     "same_domain": self.stratified_store(min(self.p.splits))[:2]}
@@ -323,8 +322,7 @@ class _Bench:
         res = {}
         for key, (st, names) in settings.items():
             with st:
-                comps = [ops.load_compartment(st, self.bb, n) for n in names]
-                bank = ClassMixtureBank(CompartmentBank(self.bb, comps), ops._class_counts(st, names, comps))
+                bank = ops.class_mixture_bank(st, self.bb, names)
             parts = [attribute(bank, noise[s:s + 50], schedule=self.bb.schedule, priors=bank.priors(),
                                steps=self.p.sample_steps, probes=2, seed=s)
                      for s in range(0, len(noise), 50)]

@@ -27,7 +27,8 @@ from .training.compartment import train_compartment
 __all__ = ["add_source", "compose", "train_paragon", "forget_source", "forget_samples", "load_compartment",
            "source_data", "PARAGON", "LEARNED_WEIGHTINGS", "ROUTER_CIDS", "ISOLATED_KIND", "head_cid", "load_weighting",
            "train_router_op", "train_isolated_op",
-           "add_source_dp", "attribute_samples"]  # privacy and attribution (cdm.privacy, cdm.attribution)
+           "add_source_dp", "attribute_samples",  # privacy and attribution (cdm.privacy, cdm.attribution)
+           "class_mixture_bank"]
 
 PARAGON = "paragon"
 _DATA = "source.npz"
@@ -114,7 +115,7 @@ def attribute_samples(store: Store, backbone: Backbone, names: list[str], *, n: 
     not (source, class) pairs); ``prompt-row``: the compartment's unconditional prompts; ``auto``: the class
     mixture where it applies. Returns the attribution dict plus ``images`` (uint8), ``names`` and ``density``."""
     from .attribution import attribute
-    from .composition import ClassMixtureBank, CompartmentBank
+    from .composition import CompartmentBank
 
     if not names:
         raise CdmError("no sources to attribute to")
@@ -126,17 +127,15 @@ def attribute_samples(store: Store, backbone: Backbone, names: list[str], *, n: 
     w = None if weighting == "ode" else load_weighting(store, backbone, names, weighting)
     bank, row_priors = CompartmentBank(backbone, comps), list(priors)
     if density != "prompt-row":
-        counts = _class_counts(store, names, comps)
-        why = ("the compartments are not class-conditional" if not all(c.config.conditional for c in comps) else
-               "a source's labels are missing" if counts is None or (counts.sum(1) == 0).any() else
-               f"the {weighting} weighting scores sources, not (source, class) pairs" if w is not None else None)
-        if why is None:
-            bank = ClassMixtureBank(bank, counts)
-            row_priors = bank.priors(priors)
-            density = "class-mixture"
-        elif density == "class-mixture":
-            raise CdmError(f"no class mixture: {why}")
-        else:
+        try:
+            if w is not None:
+                raise CdmError(f"no class mixture: the {weighting} weighting scores sources, not (source, class) "
+                               "pairs")
+            bank = class_mixture_bank(store, backbone, names, comps)
+            row_priors, density = bank.priors(priors), "class-mixture"
+        except CdmError:
+            if density == "class-mixture":
+                raise
             density = "prompt-row"
     m = backbone.codec.model_size
     noise = torch.randn((n, backbone.config.in_chans, m, m), generator=torch.Generator().manual_seed(seed))
@@ -150,6 +149,21 @@ def attribute_samples(store: Store, backbone: Backbone, names: list[str], *, n: 
 
 
 DENSITIES = ("auto", "class-mixture", "prompt-row")  # attribute_samples(density=...)
+
+
+def class_mixture_bank(store: Store, backbone: Backbone, names: list[str], comps: list[Compartment] | None = None):
+    """Stored sources ``names`` as a :class:`~cdm.composition.ClassMixtureBank`: each class-conditional
+    compartment's classes weighted by its source's stored class counts. ``comps``: the loaded compartments, if
+    the caller has them. CdmError when a compartment is unconditional or a source's labels are missing."""
+    from .composition import ClassMixtureBank, CompartmentBank
+
+    comps = comps if comps is not None else [load_compartment(store, backbone, nm) for nm in names]
+    if not all(c.config.conditional for c in comps):
+        raise CdmError("no class mixture: the compartments are not class-conditional")
+    counts = _class_counts(store, names, comps)
+    if counts is None or (counts.sum(1) == 0).any():
+        raise CdmError("no class mixture: a source's labels are missing")
+    return ClassMixtureBank(CompartmentBank(backbone, comps), counts)
 
 
 def train_paragon(store: Store, backbone: Backbone, *, cfg: CompartmentConfig, sources: list[str] | None = None,
