@@ -41,11 +41,11 @@ from cdm.backbone import Backbone
 from cdm.compartments import CompartmentConfig
 from cdm.composition import ClassMixtureBank, CompartmentBank
 from cdm.data import load_source
-from cdm.demo import write_samples
 from cdm.evaluation import DigitClassifier, classify
 from cdm.io import atomic_write_json
+from cdm.provenance import git_commit, machine_info
 from cdm.store import Store
-from cdm.training import git_commit, machine_info
+from cdm.viz import write_samples
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 DOMAINS = {"low": "mnist/protected/classes[0-4|5-9]-0", "high": "mnist/protected/classes[0-4|5-9]-1"}
@@ -83,7 +83,7 @@ def main() -> None:
         with Store.open(args.store or args.out / f"store-{name}") as st:
             comps.append(ops.load_compartment(st, bb, name))
             steps = st.compartment(name)["manifest"]["config"]["steps"]
-            c = ops._class_counts(st, [name], comps[-1:])
+            c = ops.class_counts(st, [name], comps[-1:])
             counts.append(None if c is None else c[0])
     args.out.mkdir(parents=True, exist_ok=True)
     if any(c.config.conditional for c in comps) != args.conditional:

@@ -20,11 +20,11 @@ import torch
 
 from cdm.backbone import Backbone
 from cdm.data import public_protected
-from cdm.demo import score_samples, write_samples
-from cdm.evaluation import DigitClassifier
+from cdm.evaluation import DigitClassifier, score_samples
 from cdm.generation import sample_backbone
 from cdm.io import atomic_write_json
-from cdm.training import git_commit, machine_info
+from cdm.provenance import git_commit, machine_info
+from cdm.viz import write_samples
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 

@@ -23,10 +23,10 @@ import torch
 
 from cdm import operations as ops
 from cdm.backbone import Backbone
-from cdm.benchmark import PROFILES, _Bench, _selection, with_overrides
+from cdm.benchmark import PROFILES, Bench, selection, with_overrides
 from cdm.evaluation import DigitClassifier
 from cdm.io import atomic_write_json
-from cdm.training import git_commit, machine_info
+from cdm.provenance import git_commit, machine_info
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 
@@ -48,8 +48,8 @@ def main() -> None:
         raise SystemExit(f"{args.paragon}: not a full-profile run")
     profile = with_overrides(full, splits=(args.k,), budget=args.steps * args.k)
     t0 = time.perf_counter()
-    bench = _Bench(profile, args.out, Backbone.from_pretrained(args.backbone),
-                   DigitClassifier.from_pretrained(WEIGHTS / "classifier"), progress=False)
+    bench = Bench(profile, args.out, Backbone.from_pretrained(args.backbone),
+                  DigitClassifier.from_pretrained(WEIGHTS / "classifier"), progress=False)
     st, names, train_s = bench.stratified_store(args.k)
     if "router" not in {r["cid"] for r in st.compartments()}:
         ops.train_router_op(st, bench.bb, names, kind="router", steps=profile.head_steps, seed=profile.seed,
@@ -63,7 +63,7 @@ def main() -> None:
         cells[method], detail[method] = res["fid"], res
         print(f"K={args.k}, {args.steps} steps each, {method}: FID {res['fid']}", flush=True)
     st.close()
-    best = _selection(args.out, profile)[str(args.k)]["best_steps"]
+    best = selection(args.out, profile)[str(args.k)]["best_steps"]
     out = {"k": args.k, "steps_per_compartment": args.steps, "fair_budget_steps": full.budget // args.k,
            "fid": cells, "fair_budget_fid": {m: ref["table1"][str(args.k)][m] for m in ("router", "naive", "single")},
            "router_over_paragon": round(cells["router"] / cells["paragon"], 4), "best_steps": best,

@@ -31,8 +31,8 @@ from cdm.compartments import CompartmentConfig
 from cdm.data import concat_sources, public_protected, split_stratified
 from cdm.io import atomic_write_json
 from cdm.operations import add_source, forget_samples, forget_source, load_compartment
+from cdm.provenance import git_commit, machine_info
 from cdm.store import Store
-from cdm.training import git_commit, machine_info
 from cdm.training.compartment import train_compartment
 from cdm.training.loss import held_out_loss
 
@@ -70,10 +70,10 @@ def run_compartments(args, bb: Backbone) -> dict:
             loss_b = held_out_loss(bb.eps, x, bb.schedule, y=y, draws=args.draws, seed=j)
             size = (st.path / "compartments" / name / "prompts.safetensors").stat().st_size
             rows.append({"source": name, "n_train": len(train), "n_held_out": len(held), "seconds": round(seconds, 1),
-                         "train_seconds": res["record"]["wall_seconds"], "bytes": size,
+                         "train_seconds": res.record.wall_seconds, "bytes": size,
                          "held_out_loss": round(loss_c, 6), "backbone_held_out_loss": round(loss_b, 6),
-                         "validation": res["record"]["validation"],
-                         "weights_sha256": res["row"]["weights_sha256"]})
+                         "validation": res.record.validation,
+                         "weights_sha256": res.compartment.weights_sha256})
             print(json.dumps(rows[-1]), flush=True)
     return {"compartments": rows}
 
@@ -91,7 +91,7 @@ def run_paragon(args, bb: Backbone) -> dict:
                                                              draws=args.draws), 6),
                         "backbone_held_out_loss": round(held_out_loss(bb.eps, x, bb.schedule, y=y, draws=args.draws),
                                                         6),
-                        "validation": rec["validation"]}}
+                        "validation": rec.validation}}
 
 
 def run_forget(args, bb: Backbone) -> dict:
@@ -113,7 +113,7 @@ def run_forget(args, bb: Backbone) -> dict:
         src = forget_source(st, f"s{K - 1}", reason="benchmark")
         after = {r["cid"]: r["weights_sha256"] for r in st.compartments()}
         untouched = all(after[c] == before[c] for c in after if c != "s0")
-    return {"forget": {"sample_seconds": round(sample["seconds"], 2), "source_seconds": round(src["seconds"], 4),
+    return {"forget": {"sample_seconds": round(sample.seconds, 2), "source_seconds": round(src.seconds, 4),
                        "sample_exact": exact, "others_unchanged": untouched}}
 
 

@@ -30,12 +30,12 @@ from cdm.backbone import Backbone
 from cdm.benchmark import plot_two_domain
 from cdm.compartments import CompartmentConfig
 from cdm.data import load_source, public_protected
-from cdm.demo import score_samples, write_samples
-from cdm.evaluation import DigitClassifier, classify
+from cdm.evaluation import DigitClassifier, classify, score_samples
 from cdm.generation import generate
 from cdm.io import atomic_write_json
+from cdm.provenance import git_commit, machine_info
 from cdm.store import Store
-from cdm.training import git_commit, machine_info
+from cdm.viz import write_samples
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 DOMAINS = {"low": "mnist/protected/classes[0-4|5-9]-0", "high": "mnist/protected/classes[0-4|5-9]-1"}

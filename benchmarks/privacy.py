@@ -34,14 +34,14 @@ from cdm.backbone import Backbone
 from cdm.compartments import CompartmentConfig
 from cdm.composition import CompartmentBank
 from cdm.data import load_source
-from cdm.demo import write_samples
 from cdm.evaluation import DigitClassifier, FIDScorer, classify
 from cdm.generation import generate
 from cdm.io import atomic_write_json
 from cdm.privacy import DPConfig, train_compartment_dp
+from cdm.provenance import git_commit, machine_info
 from cdm.store import Store
-from cdm.training import git_commit, machine_info
 from cdm.training.compartment import train_compartment
+from cdm.viz import write_samples
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = REPO / "weights"
@@ -64,7 +64,7 @@ def dp_part(args, bb: Backbone, judge_net: DigitClassifier) -> dict:
         else:
             dp = DPConfig(epsilon=float(key), augmult=args.augmult, max_grad_norm=args.clip)
             comp, rec = train_compartment_dp(bb, source, cfg, dp, progress=False)
-            eps_achieved = rec["dp"]["epsilon"]
+            eps_achieved = rec.dp["epsilon"]
         train_s = time.perf_counter() - t0
         images, _ = generate(comp.denoiser(bb), schedule=bb.schedule, codec=bb.codec, n=args.n, solver="ddim",
                              steps=args.sample_steps, seed=3)
@@ -72,7 +72,7 @@ def dp_part(args, bb: Backbone, judge_net: DigitClassifier) -> dict:
         _, prob, _ = classify(judge_net, images)
         out[key] = {"epsilon": eps_achieved, "fid": round(scorer(images), 3),
                     "confident": round(float((prob >= 0.8).mean()), 4),
-                    "final_loss": rec["final_loss"], "train_seconds": round(train_s, 1), "dp": rec["dp"]}
+                    "final_loss": rec.final_loss, "train_seconds": round(train_s, 1), "dp": rec.dp}
         print("dp", key, json.dumps({k: v for k, v in out[key].items() if k != "dp"}), flush=True)
     return {"dp": out, "dp_setup": {
         "source": "mnist/protected", "n": len(source), "compartment": cfg.to_dict(), "augmult": args.augmult,

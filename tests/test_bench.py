@@ -23,7 +23,7 @@ def test_toy_bench_writes_the_documented_schema(toy):
     out, res = toy
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["table1"] == res["table1"]
-    assert set(res["table1"]["2"]) == {"paragon", "router", "isolated", "ito", "naive", "single"}
+    assert set(res["table1"]["2"]) == {"paragon", "router", "classifier", "isolated", "ito", "naive", "single"}
     assert all(np.isfinite(v) and v > 0 for v in res["table1"]["2"].values())
     for method in ("router", "isolated", "ito", "naive"):
         cell = res["two_domain"][method]
@@ -32,7 +32,7 @@ def test_toy_bench_writes_the_documented_schema(toy):
     assert res["cost"]["dense2"]["evals"] == 2 * res["cost"]["single"]["evals"]
     assert set(res["forget"]) >= {"source_seconds", "sample_seconds", "paragon_seconds"}
     assert [r["n_sources"] for r in res["continual"]] == [1, 2, 1] and res["continual"][0]["fid_relative_to_one"] == 1
-    assert set(res["memorization"]) == {"paragon", "router", "isolated", "ito", "naive", "single"}
+    assert set(res["memorization"]) == {"paragon", "router", "classifier", "isolated", "ito", "naive", "single"}
     assert all(0 <= v <= 1 for v in res["memorization"].values())
     assert res["meta"]["profile"] == "toy" and set(res["meta"]["part_seconds"]) == set(PARTS)
     assert set(res["table1_selection"]["2"]["best_steps"]) == {"s0", "s1"}
@@ -83,11 +83,11 @@ def test_report_checks_the_targets_with_margins(naive, single8, verdicts):
 
 
 def test_report_says_where_each_part_ran():
-    from cdm.benchmark import _where, report
+    from cdm.benchmark import report, where_ran
 
-    gpu = _where({"machine": {"cpus": 16, "torch_threads": 3, "torch": "2.11", "cuda": "NVIDIA H200"},
+    gpu = where_ran({"machine": {"cpus": 16, "torch_threads": 3, "torch": "2.11", "cuda": "NVIDIA H200"},
                   "device": "cuda"})
-    cpu = _where({"machine": {"cpus": 2, "torch_threads": 1, "torch": "2.13", "cuda": None}, "device": "cpu"})
+    cpu = where_ran({"machine": {"cpus": 2, "torch_threads": 1, "torch": "2.13", "cuda": None}, "device": "cpu"})
     assert "H200" in gpu and "H200" not in cpu
     meta = {"profile": "full", "commit": "x", "wall_seconds": 1.0, "profile_config": {},
             "part_machines": {"paragon": gpu, "table1": gpu, "continual": cpu}}

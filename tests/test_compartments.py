@@ -33,11 +33,11 @@ def _hash(comp):
 def test_backbone_unchanged_and_only_prompts_saved(backbone, source):
     before = state_dict_sha256(backbone.net.state_dict())
     comp, record = train_compartment(backbone, source, CFG, progress=False)
-    assert state_dict_sha256(backbone.net.state_dict()) == before == record["backbone_hash"]
+    assert state_dict_sha256(backbone.net.state_dict()) == before == record.backbone_hash
     assert set(comp.tensors()) == {"prompts"}
     c = backbone.config
     assert comp.tensors()["prompts"].shape == (10 + 1, c.n_blocks * (2 * c.embed_dim + c.num_heads))  # prompts + gates
-    assert record["source"]["sample_hashes"] == sorted(source.sample_hashes)
+    assert record.source["sample_hashes"] == sorted(source.sample_hashes)
 
 
 def test_bit_identical_retrain_and_order_independence(backbone, source):
@@ -62,9 +62,9 @@ def test_forgetting_a_sample_equals_training_without_it(backbone, source):
 def test_resume_is_bit_identical(backbone, source, tmp_path):
     full, _ = train_compartment(backbone, source, CFG, progress=False)
     paused, rec = train_compartment(backbone, source, CFG, work_dir=tmp_path, max_minutes=0.0, progress=False)
-    assert paused is None and rec["steps_done"] == 3
+    assert paused is None and rec.steps_done == 3
     resumed, rec = train_compartment(backbone, source, CFG, work_dir=tmp_path, progress=False)
-    assert rec["finished"] and _hash(resumed) == _hash(full)
+    assert rec.finished and _hash(resumed) == _hash(full)
     with pytest.raises(TrainingError, match="another source"):
         train_compartment(backbone, source.subset(np.arange(10), id="other"), CFG, work_dir=tmp_path, progress=False)
 
@@ -137,7 +137,7 @@ def test_validation_keeps_the_best_step_and_records_the_curve(backbone, source):
     from cdm.training.loss import held_out_loss
 
     comp, record = train_compartment(backbone, source, CFG, progress=False)
-    v = record["validation"]
+    v = record.validation
     assert v["n"] == 6 and [s for s, _ in v["curve"]] == [0, 2, 4, 6]
     assert v["start_loss"] == v["curve"][0][1] and v["best_loss"] == min(x for _, x in v["curve"])
     _, (images, labels) = split_validation(canonical_order(source), CFG.validation)
@@ -148,4 +148,4 @@ def test_validation_keeps_the_best_step_and_records_the_curve(backbone, source):
     assert len(train_part) == len(source) - 6
     _, none = train_compartment(backbone, source, CompartmentConfig(**{**CFG.to_dict(), "validation": 0.0}),
                                 progress=False)
-    assert none["validation"] is None
+    assert none.validation is None

@@ -154,3 +154,19 @@ def test_class_priors_route_each_class_to_the_sources_that_hold_it():
     assert comp.evals == 6  # rows 0 and 1 evaluated one source only
     with pytest.raises(ValueError, match="class_priors"):
         ComposedDenoiser([a, b], NaiveWeighting(), class_priors=[[1, 2, 3]])
+
+
+def test_default_sampling_does_not_clip_data_outside_the_pixel_range():
+    """Clipping x0 to [-1, 1] belongs to an image codec, not to the solver: three 2-D Gaussians far outside
+    [-1, 1], composed and sampled with the solver's defaults, come out as the mixture (clipping made 100%
+    hybrids)."""
+    means = torch.tensor([[-3.0, 0.0], [3.0, 1.0], [0.0, -3.0]])
+    priors = [0.2, 0.3, 0.5]
+    comp = ComposedDenoiser([component_eps(m) for m in means],
+                            OracleWeighting([component_log_density(m) for m in means]), priors=priors)
+    noise = torch.randn(1500, 2, 1, 1, generator=torch.Generator().manual_seed(0))
+    x = sample(comp, noise, schedule=SCHEDULE, solver="ddim", steps=100).view(-1, 2)
+    d = torch.cdist(x, means)
+    assert (d.min(1).values < 4 * STD).float().mean() > 0.97  # no hybrids
+    shares = torch.bincount(d.argmin(1), minlength=3).double() / len(x)
+    assert torch.allclose(shares, torch.tensor(priors, dtype=torch.float64), atol=0.04)

@@ -13,10 +13,10 @@ from typer.testing import CliRunner
 
 from cdm.cli.main import app
 from cdm.compartments import Compartment, CompartmentConfig
-from cdm.composition import (CompartmentBank, ComposedDenoiser, HeadBank, HeadConfig, IsolatedWeighting,
-                             RouterWeighting, fit_density_ratio, train_isolated_head, train_noisy_classifier,
-                             train_router)
-from cdm.composition.heads import ClassifierWeighting, state_tensors
+from cdm.composition import (ClassifierWeighting, CompartmentBank, ComposedDenoiser, HeadBank, HeadConfig,
+                             IsolatedWeighting, RouterWeighting, fit_density_ratio, train_isolated_head,
+                             train_noisy_classifier, train_router)
+from cdm.composition.heads import state_tensors
 from cdm.data import Source, public_protected
 from cdm.errors import CdmError, TrainingError
 from cdm.io import state_dict_sha256
@@ -213,8 +213,8 @@ def test_store_round_trip_compose_and_forget(tmp_path, backbone, sources):
         # and nothing of 'plain'
         plain_head = st.compartment("plain.head")["weights_sha256"]
         out = forget_source(st, "inv", reason="test")
-        assert set(out["removed"]) == {"inv", "inv.head", "router", "noisy-classifier"}
-        assert {r["cid"]: r["sources"] for r in out["retrain"]} == {"router": ["plain"], "noisy-classifier": ["plain"]}
+        assert set(out.removed) == {"inv", "inv.head", "router", "noisy-classifier"}
+        assert {r.cid: r.sources for r in out.retrain} == {"router": ["plain"], "noisy-classifier": ["plain"]}
         assert st.compartment("plain.head")["weights_sha256"] == plain_head
         assert st.verify() == []
         assert compose(st, backbone, ["plain"], weighting="isolated") is not None

@@ -102,7 +102,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, mo
 
 
 def test_git_commit_takes_cdm_commit_for_tree_copies(monkeypatch):
-    from cdm.training import git_commit
+    from cdm.provenance import git_commit
 
     monkeypatch.delenv("CDM_COMMIT", raising=False)
     own = git_commit()

@@ -46,14 +46,15 @@ def test_training_record_prompts_only_and_determinism(backbone, source, tmp_path
     dp = DPConfig(epsilon=8.0, augmult=2)
     comp, rec = train_compartment_dp(backbone, source, CFG, dp, progress=False)
     again, _ = train_compartment_dp(backbone, source, CFG, dp, progress=False, work_dir=tmp_path / "w")
-    assert state_dict_sha256(backbone.net.state_dict()) == before == rec["backbone_hash"]
+    assert state_dict_sha256(backbone.net.state_dict()) == before == rec.backbone_hash
     assert all(not p.requires_grad for p in backbone.net.parameters())
     assert set(comp.tensors()) == {"prompts"} and torch.equal(comp.tensors()["prompts"], again.tensors()["prompts"])
-    d = rec["dp"]
+    d = rec.dp
     assert d["delta"] == 1e-5 and d["steps"] == 4 and d["augmult"] == 2 and d["sample_rate"] == 8 / 40
     assert d["epsilon"] == pytest.approx(_opacus_epsilon(d["noise_multiplier"], d["sample_rate"], 4, 1e-5), abs=1e-4)
     assert d["epsilon"] <= 8.0 + 1e-9
-    assert {k for k in rec if k != "dp"} >= {"source", "backbone_hash", "config", "seed", "steps_done", "finished"}
+    assert {k for k in rec.to_dict() if k != "dp"} >= {"source", "backbone_hash", "config", "seed", "steps_done",
+                                                      "finished"}
     model = PromptDenoiser(backbone, comp)
     assert [n for n, _ in model.named_parameters()] == ["prompts.table.weight"]
 
@@ -121,3 +122,21 @@ def test_cli_add_with_dp_then_attribute(tmp_path, backbone, source):
     assert res.exit_code == 0, res.output
     credits = json.loads((tmp_path / "att" / "credits.json").read_text())
     assert len(credits["samples"]) == 2 and set(credits["samples"][0]["credit"]) == {"a", "b"}
+
+
+def test_forgetting_a_sample_of_a_dp_source_retrains_it_with_dp(backbone, source, tmp_path):
+    """An exact retrain keeps the privacy guarantee: the compartment is retrained with DP-SGD and the recorded
+    parameters, bit-identical to DP training on the reduced source (it was retrained without DP before)."""
+    from cdm.operations import add_source, forget_samples, load_compartment
+    from cdm.store import Store
+
+    dp = DPConfig(epsilon=8.0, delta=1e-5)
+    cfg = CompartmentConfig(**{**CFG.to_dict(), "validation": 0.0})
+    with Store.create(tmp_path / "st") as st:
+        add_source(st, backbone, source, name="private", cfg=cfg, dp=dp, progress=False)
+        gone = source.sample_hashes[3]
+        forget_samples(st, backbone, "private", [gone], progress=False)
+        manifest = st.compartment("private")["manifest"]
+        assert manifest["dp"] is not None and manifest["dp"]["target_epsilon"] == 8.0
+        direct, _ = train_compartment_dp(backbone, source.without([gone]), cfg, dp, progress=False)
+        assert torch.equal(load_compartment(st, backbone, "private").tensors()["prompts"], direct.tensors()["prompts"])

@@ -116,10 +116,12 @@ def test_ancestral_solver_is_finite_at_every_step_count_and_matches_diffusers():
                    generator=torch.Generator().manual_seed(0))
         assert torch.isfinite(x).all(), steps
     noise = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(1))
-    ours = sample(eps, noise, schedule=sched, solver="ddpm", steps=6, generator=torch.Generator().manual_seed(0))
-    ref, _ = _ddim(sched, True)
-    ref.set_timesteps(6)
-    g, y = torch.Generator().manual_seed(0), noise.clone()
-    for t in ref.timesteps:
-        y = ref.step(eps(y, t), t, y, eta=1.0, use_clipped_model_output=True, generator=g).prev_sample
-    assert torch.allclose(ours, y, atol=1e-4)
+    for clip in (False, True):  # the default (no clipping: the codec decides) and pixel images' clipping
+        ours = sample(eps, noise, schedule=sched, solver="ddpm", steps=6, generator=torch.Generator().manual_seed(0),
+                      clip=clip)
+        ref, _ = _ddim(sched, clip)
+        ref.set_timesteps(6)
+        g, y = torch.Generator().manual_seed(0), noise.clone()
+        for t in ref.timesteps:
+            y = ref.step(eps(y, t), t, y, eta=1.0, use_clipped_model_output=True, generator=g).prev_sample
+        assert torch.allclose(ours, y, atol=1e-4), clip

@@ -15,6 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cdm.cli.main import app as cli
+from cdm.store import Store
 from serverkit import SOURCES, Server, build_store, multipart, revoke, small_parts
 
 # key name -> granted sources (None: admin)
@@ -220,6 +221,7 @@ def test_forget_via_api_leaves_no_trace(served):
     assert srv.request("DELETE", "/v1/admin/sources/gamma?reason=contract%20ended", token=bg)[0] == 403
     status, out = srv.request("DELETE", "/v1/admin/sources/gamma?reason=contract%20ended", token=t)
     assert status == 200 and out["removed"] == ["gamma"], out
+    forget_seq = out["audit_seq"]
     # the key that had it: no longer listed, the default request no longer composes it, asking for it is 404
     assert [s["name"] for s in srv.request("GET", "/v1/sources", token=bg)[1]["sources"]] == ["beta"]
     status, out = srv.request("POST", "/v1/generate", TINY, token=bg)
@@ -234,7 +236,7 @@ def test_forget_via_api_leaves_no_trace(served):
         assert db.execute("SELECT count(*) FROM api_key_sources WHERE source_id = 'gamma'").fetchone()[0] == 0
         assert db.execute("SELECT count(*) FROM sources WHERE id = 'gamma'").fetchone()[0] == 0
     assert not any("gamma" in p.name for p in store.rglob("*"))
-    log = srv.request("GET", "/v1/admin/audit?limit=5", token=t)[1]
+    log = [r for r in srv.request("GET", "/v1/admin/audit?limit=100", token=t)[1] if r["seq"] >= forget_seq]
     assert [(r["action"], r["actor"]) for r in log if r["target"] == "gamma"] == [("forget-source", "admin")]
     keys = {k["name"]: k for k in srv.request("GET", "/v1/admin/keys", token=t)[1]}
     assert keys["bg"]["sources"] == ["beta"] and "token" not in keys["bg"]
@@ -254,8 +256,6 @@ def test_admin_key_endpoints(served):
 
 
 def test_keys_cli(tmp_path):
-    from cdm.store import Store
-
     with Store.create(tmp_path / "st"):
         pass
     run = CliRunner().invoke
@@ -273,3 +273,123 @@ def test_keys_cli(tmp_path):
     assert res.exit_code == 0 and "revoked" in res.output
     with Store.open(tmp_path / "st") as st:
         assert [a["action"] for a in st.audit_log()] == ["key-create", "key-revoke"]
+
+
+def _strict_json(payload: bytes):
+    """Parse as standard JSON: NaN / Infinity are not JSON."""
+    def no(const):
+        raise ValueError(f"non-standard JSON constant {const}")
+
+    return json.loads(payload, parse_constant=no)
+
+
+def test_non_finite_numbers_are_422_without_echo(served):
+    """NaN / +-Infinity in any JSON number field: 422 with a valid JSON answer that does not echo them (the
+    default handler echoed the input, which JSON cannot encode: 500)."""
+    import http.client
+
+    srv, _, tokens = served
+    t = tokens["admin"]
+    cases = [("/v1/generate", '{"guidance": NaN, "n": 1, "steps": 2}'),
+             ("/v1/generate", '{"n": NaN, "steps": 2}'),
+             ("/v1/generate", '{"n": 1, "steps": Infinity}'),
+             ("/v1/generate", '{"n": 1, "steps": 2, "seed": -Infinity}'),
+             ("/v1/generate", '{"n": 1, "steps": 2, "classes": [Infinity]}'),
+             ("/v1/generate", '{"n": 1, "steps": 2, "sources": [NaN]}'),
+             ("/v1/admin/keys", '{"name": "nan", "sources": [NaN]}'),
+             ("/v1/admin/keys", '{"name": "nan", "admin": Infinity}'),
+             ("/v1/admin/sources/alpha/forget-samples", '{"sample_ids": [NaN]}')]
+    for path, body in cases:
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+        conn.request("POST", path, body=body.encode(), headers={"Authorization": f"Bearer {t}",
+                                                                 "Content-Type": "application/json"})
+        res = conn.getresponse()
+        payload = res.read()
+        conn.close()
+        assert res.status == 422, (path, body, res.status, payload[:300])
+        detail = _strict_json(payload)["detail"]
+        assert detail and all(set(d) == {"loc", "msg", "type"} for d in detail), detail
+        assert b"Infinity" not in payload and b"input" not in payload and b": NaN" not in payload, payload
+    assert srv.request("GET", "/v1/admin/keys", token=t)[1] and "nan" not in {
+        k["name"] for k in srv.request("GET", "/v1/admin/keys", token=t)[1]}  # nothing written
+    # the invalid generate requests are in the audit log too (by key name)
+    log = [r for r in srv.request("GET", "/v1/admin/audit?limit=20", token=t)[1] if r["action"] == "generate"]
+    assert [r["details"]["status"] for r in log[-6:]] == [422] * 6 and {r["actor"] for r in log[-6:]} == {"admin"}
+    assert "guidance must be a finite number" in log[-6]["details"]["outcome"]
+    # a finite out-of-range value still says what is wrong (and the page can show it)
+    status, out = srv.request("POST", "/v1/generate", {"guidance": 11.0, **TINY}, token=t)
+    assert status == 422 and out["detail"][0]["loc"] == ["body", "guidance"] and "10" in out["detail"][0]["msg"]
+
+
+def test_security_headers(served):
+    """Every answer (the page, its static files, JSON, errors, a 413 from the body limit) carries the CSP,
+    X-Frame-Options and nosniff; only /docs allows the Swagger CDN."""
+    import urllib.error
+    import urllib.request
+
+    srv, _, tokens = served
+    page_csp = ("default-src 'self'; img-src 'self' data:; script-src 'self'; style-src 'self'; "
+                "frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
+
+    def headers(path, method="GET", data=None, token=None):
+        req = urllib.request.Request(srv.url + path, method=method, data=data,
+                                     headers={"Authorization": f"Bearer {token}"} if token else {})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as res:
+                return res.status, res.headers
+        except urllib.error.HTTPError as e:
+            return e.code, e.headers
+
+    for path, method, data, token, code in [("/", "GET", None, None, 200), ("/static/app.js", "GET", None, None, 200),
+                                            ("/static/nope.js", "GET", None, None, 404),
+                                            ("/v1/sources", "GET", None, tokens["a"], 200),
+                                            ("/v1/sources", "GET", None, None, 401),
+                                            ("/v1/generate", "POST", b"x" * 70_000, tokens["a"], 413),
+                                            ("/openapi.json", "GET", None, None, 200)]:
+        status, h = headers(path, method, data, token)
+        assert status == code, (path, status)
+        assert h["Content-Security-Policy"] == page_csp, (path, h)
+        assert h["X-Frame-Options"] == "DENY" and h["X-Content-Type-Options"] == "nosniff", (path, h)
+    status, h = headers("/docs")
+    assert status == 200 and "https://cdn.jsdelivr.net" in h["Content-Security-Policy"]
+    assert "frame-ancestors 'none'" in h["Content-Security-Policy"] and h["X-Frame-Options"] == "DENY"
+    js = srv.request("GET", "/static/app.js")[1]
+    assert b"location.hash" not in js and b"URLSearchParams" not in js  # never a key from the URL
+
+
+def test_sources_lists_weightings_learned_and_limits(served):
+    srv, store, tokens = served
+    status, me = srv.request("GET", "/v1/sources", token=tokens["ab"])
+    assert status == 200 and me["weightings"] == ["ito", "naive", "single"]  # no heads trained in this store
+    assert me["limits"] == {"max_n": 16, "max_steps": 200, "per_key_queue": 4}
+    with Store.open(store) as st:  # what the compartment's manifest says (None: it does not)
+        want = {s["name"]: st.compartment(s["name"])["manifest"].get("learned") for s in me["sources"]}
+    assert {s["name"]: s["learned"] for s in me["sources"]} == want
+    assert srv.request("GET", "/v1/sources", token=tokens["none"])[1]["weightings"] == []
+    admin_view = srv.request("GET", "/v1/admin/sources", token=tokens["admin"])[1]
+    assert all("learned" in s for s in admin_view)
+
+
+def test_available_weightings():
+    """router / classifier only where a stored one covers at least two of the sources; isolated only where
+    every source has its head."""
+    from cdm.server.engine import available_weightings
+
+    class FakeStore:
+        def __init__(self, rows):
+            self.rows = rows
+
+        def compartments(self, kind=None):
+            return [r for r in self.rows if kind is None or r["kind"] == kind]
+
+    comps = [{"cid": s, "kind": "compartment", "sources": [s]} for s in ("a", "b", "c")]
+    router = {"cid": "router", "kind": "router", "sources": ["a", "b"]}
+    clf = {"cid": "noisy-classifier", "kind": "classifier", "sources": ["b", "c"]}
+    heads = [{"cid": f"{s}.head", "kind": "isolated-head", "sources": [s]} for s in ("a", "b")]
+    st = FakeStore(comps + [router, clf] + heads)
+    assert available_weightings(st, []) == []
+    assert available_weightings(st, ["c"]) == ["ito", "naive", "single"]
+    assert available_weightings(st, ["a", "b"]) == ["ito", "naive", "single", "router", "isolated"]
+    assert available_weightings(st, ["a", "b", "c"]) == ["ito", "naive", "single", "router", "classifier"]
+    assert available_weightings(st, ["a", "c"]) == ["ito", "naive", "single"]
+    assert available_weightings(FakeStore(comps), ["a", "b"]) == ["ito", "naive", "single"]

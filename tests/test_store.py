@@ -21,7 +21,7 @@ import torch
 
 from cdm.errors import WeightsError
 from cdm.io import file_sha256, state_dict_sha256
-from cdm.store import MANIFEST_NAME, PROMPTS_NAME, REGISTRY_NAME, SCHEMA_VERSION, Store, StoreError
+from cdm.store import MANIFEST_NAME, PROMPTS_NAME, REGISTRY_NAME, SCHEMA_VERSION, Store, StoreError, check_source_name
 
 torch.set_num_threads(1)
 
@@ -614,3 +614,58 @@ def test_crash_at_every_step_of_every_operation(tmp_path, helper):
         else:
             pytest.fail(f"{op} never completed")
         assert crashes >= 5, (op, crashes)  # the operation really was cut at several steps
+
+
+# ----------------------------------------------------------------------------------------------- the store's backbone
+
+
+def test_the_backbone_is_a_property_of_the_store(tmp_path):
+    with Store.create(tmp_path / "st", backbone_hash=BB, backbone_ref="shipped:backbone") as st:
+        assert st.backbone == {"hash": BB, "ref": "shipped:backbone"}
+        st.add_source("s1", content_hash="11" * 32, n=1, classes=[0])
+        with pytest.raises(StoreError, match=f"{OTHER_BB[:8]}.*{BB[:8]}"):
+            st.put_compartment("s1", _tensors(), {}, kind="compartment", sources=["s1"], backbone_hash=OTHER_BB)
+        with pytest.raises(StoreError, match=f"{OTHER_BB[:8]}.*{BB[:8]}"):
+            st.set_backbone(OTHER_BB)
+        assert st.compartments() == [] and not [p for p in (tmp_path / "st" / "compartments").iterdir()]
+        _put(st, "s1")
+    with pytest.raises(StoreError, match="created with backbone"):
+        Store.create(tmp_path / "st", backbone_hash=OTHER_BB)
+    with Store.create(tmp_path / "plain") as st:  # a store made without one takes its first compartment's
+        assert st.backbone is None
+        st.add_source("s1", content_hash="11" * 32, n=1, classes=[0])
+        _put(st, "s1")
+        assert st.backbone == {"hash": BB, "ref": None}
+        with pytest.raises(StoreError, match="created with backbone"):
+            st.put_compartment("x", _tensors(), {}, kind="router", sources=["s1"], backbone_hash=OTHER_BB)
+
+
+def test_a_version_1_registry_is_migrated_on_open(tmp_path):
+    root = tmp_path / "st"
+    with Store.create(root) as st:
+        st.add_source("s1", content_hash="11" * 32, n=1, classes=[0])
+        _put(st, "s1")
+    con = sqlite3.connect(root / REGISTRY_NAME)  # take it back to schema 1, as cdm 0.1 wrote it
+    con.executescript("DROP TABLE meta; ALTER TABLE sources DROP COLUMN complete; PRAGMA user_version=1;")
+    con.close()
+    with Store.open(root) as st:
+        assert st.backbone == {"hash": BB, "ref": None}  # read from its compartments
+        assert st.sources()[0]["complete"] is True and st.verify() == []
+    con = sqlite3.connect(root / REGISTRY_NAME)
+    assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    con.close()
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/../b", "a b", "..", "", ".x", "-x", "paragon", "router",
+                                 "noisy-classifier", "s.head", "data.s", "x" * 129])
+def test_source_names_follow_the_compartment_id_rule(name):
+    with pytest.raises(StoreError, match="bad source name"):
+        check_source_name(name)
+
+
+def test_a_pending_source_is_incomplete_until_its_compartment_is_stored(store):
+    store.add_source("p", content_hash="12" * 32, n=1, classes=[0], pending=True)
+    assert store.source("p")["complete"] is False
+    assert [p for p in store.verify() if "'p' is incomplete" in p]
+    store.put_compartment("p", _tensors(), {}, kind="compartment", sources=["p"], backbone_hash=BB)
+    assert store.source("p")["complete"] is True and store.verify() == []

@@ -19,39 +19,15 @@ import numpy as np
 from .backbone import Backbone
 from .compartments import CompartmentConfig
 from .data import load_source
-from .evaluation import DigitClassifier, classify, fid, judge
-from .generation import generate, sample_backbone
+from .evaluation import DigitClassifier, classify, judge, score_samples
 from .io import atomic_write_bytes, atomic_write_json
-from .operations import add_source, attribute_samples, compose, forget_source, load_compartment
+from .operations import add_source, attribute_samples, forget_source, generate_from_store
 from .store import Store
-from .viz import save_grid
+from .viz import write_samples
 
-__all__ = ["plot_weights", "run_demo", "score_samples", "write_samples"]
+__all__ = ["plot_weights", "run_demo"]
 
 DEMO_SOURCES = {"digits-0-4": "mnist/protected/classes[0-4|5-9]-0", "digits-5-9": "mnist/protected/classes[0-4|5-9]-1"}
-
-
-def write_samples(out: Path, name: str, images: np.ndarray, labels: np.ndarray | None, nrow: int) -> None:
-    """``name.npz`` (images uint8 N x 28 x 28, labels) and ``name.png`` (a grid), atomically."""
-    out.mkdir(parents=True, exist_ok=True)
-    buf = _io.BytesIO()
-    np.savez_compressed(buf, images=images, **({} if labels is None else {"labels": labels}))
-    atomic_write_bytes(out / f"{name}.npz", buf.getvalue())
-    save_grid(images, out / f"{name}.png", nrow=nrow)
-
-
-def score_samples(images: np.ndarray, labels: np.ndarray | None, classifier: DigitClassifier, reference) -> dict:
-    """Judge accuracy / confidence against requested labels and FID against a reference source."""
-    result = {"n": int(len(images)), "reference": reference.id,
-              "fid": round(fid(classifier, images, reference.images), 3)}
-    if labels is not None:
-        j = judge(classifier, images, labels)
-        result.update(accuracy=round(j["accuracy"], 4), mean_max_prob=round(j["mean_max_prob"], 4))
-        if reference.labels is not None:
-            real = judge(classifier, reference.images, reference.labels)
-            result.update(real_mean_max_prob=round(real["mean_max_prob"], 4),
-                          confidence_ratio=round(j["mean_max_prob"] / real["mean_max_prob"], 4))
-    return result
 
 
 def plot_weights(w: np.ndarray, labels: np.ndarray, path: Path) -> None:
@@ -87,7 +63,11 @@ def run_demo(out: Path, *, backbone: Path, classifier: Path, per_class: int = 10
 
     # 1. the backbone
     t0 = time.perf_counter()
-    images, labels = sample_backbone(bb, per_class=per_class, guidance=2.0, steps=50, seed=seed, progress=progress)
+    c = bb.config
+    digits = [k for k in range(c.num_classes) if k != c.null_class]
+    gen = generate_from_store(None, bb, labels=np.repeat(digits, per_class), guidance=2.0, steps=50, seed=seed,
+                              progress=progress)
+    images, labels = gen.images, gen.labels
     write_samples(out, "backbone", images, labels, nrow=per_class)
     results["backbone"] = {**score_samples(images, labels, judge_net, protected),
                            "seconds": round(time.perf_counter() - t0, 1)}
@@ -104,40 +84,35 @@ def run_demo(out: Path, *, backbone: Path, classifier: Path, per_class: int = 10
         for name, spec in DEMO_SOURCES.items():
             src = load_source(spec)
             res = add_source(st, bb, src, name=name, cfg=cfg, tags=("demo",), progress=progress)
-            comp = load_compartment(st, bb, name)
             classes = sorted(set(src.labels.tolist()))
-            lab = np.repeat(np.asarray(classes), per_class)
-            imgs, lab = generate(comp.denoiser(bb), schedule=bb.schedule, codec=bb.codec, labels=lab,
-                                 null_class=bb.config.null_class, guidance=2.0, steps=50, seed=seed)
+            gen = generate_from_store(st, bb, [name], labels=np.repeat(np.asarray(classes), per_class),
+                                      guidance=2.0, steps=50, seed=seed)
+            imgs, lab = gen.images, gen.labels
             write_samples(out, f"compartment-{name}", imgs, lab, nrow=per_class)
             j = judge(judge_net, imgs, lab)
-            comps[name] = {"source": spec, "n": len(src), "train_seconds": res["record"]["wall_seconds"],
-                           "weights_sha256": res["row"]["weights_sha256"], "accuracy": round(j["accuracy"], 4)}
-            log(f"compartment {name}: {len(src)} samples, {res['record']['wall_seconds']:.0f} s, "
+            comps[name] = {"source": spec, "n": len(src), "train_seconds": res.record.wall_seconds,
+                           "weights_sha256": res.compartment.weights_sha256, "accuracy": round(j["accuracy"], 4)}
+            log(f"compartment {name}: {len(src)} samples, {res.record.wall_seconds:.0f} s, "
                 f"accuracy {j['accuracy']:.3f}")
         # compose both (Ito weights, ancestral sampler): every digit should be drawn by the compartment that knows it
-        composed = compose(st, bb, list(DEMO_SOURCES), weighting="ito")
         lab = np.repeat(np.arange(10), per_class)
-        traj: list = []
-        imgs, _ = generate(composed, schedule=bb.schedule, codec=bb.codec, labels=lab, null_class=bb.config.null_class,
-                           guidance=2.0, solver="ddpm", steps=50, seed=seed, trajectories=traj)
+        gen = generate_from_store(st, bb, list(DEMO_SOURCES), labels=lab, weighting="ito", guidance=2.0, steps=50,
+                                  seed=seed)  # ito: the ancestral (ddpm) solver
+        imgs, w = gen.images, gen.weights  # w: (steps, N, 2)
         write_samples(out, "composed", imgs, lab, nrow=per_class)
-        w = np.concatenate([t.numpy() for t in traj], axis=1)[:, : len(lab)]  # conditional half: (steps, N, 2)
         routed = float(np.mean(w[-1].argmax(1) == (lab >= 5)))
         j = judge(judge_net, imgs, lab)
         # unconditional: no label, so no class prior; the Ito weights alone decide which source explains a sample
-        composed = compose(st, bb, list(DEMO_SOURCES), weighting="ito")
-        traj = []
-        u_imgs, _ = generate(composed, schedule=bb.schedule, codec=bb.codec, n=10 * per_class, solver="ddpm",
-                             steps=50, seed=seed + 1, trajectories=traj)
+        u_gen = generate_from_store(st, bb, list(DEMO_SOURCES), n=10 * per_class, weighting="ito", steps=50,
+                                    seed=seed + 1)
+        u_imgs, u_w = u_gen.images, u_gen.weights
         write_samples(out, "composed-unconditional", u_imgs, None, nrow=per_class)
-        u_w = np.concatenate([t.numpy() for t in traj], axis=1)
         pred, prob, _ = classify(judge_net, u_imgs)
         confident = prob >= 0.8
         plot_weights(u_w[:, confident], pred[confident], out / "weights.png")
         agree = float(np.mean(u_w[-1].argmax(1)[confident] == (pred[confident] >= 5))) if confident.any() else None
         comps["composed"] = {"accuracy": round(j["accuracy"], 4), "routed_to_owner": round(routed, 4),
-                             "evals": int(composed.evals), "unconditional_confident": round(float(confident.mean()), 4),
+                             "evals": u_gen.evals, "unconditional_confident": round(float(confident.mean()), 4),
                              "unconditional_weight_agrees": None if agree is None else round(agree, 4)}
         log(f"composed (ito): accuracy {j['accuracy']:.3f}; unconditional: {confident.mean():.1%} read confidently, "
             f"of which {agree or 0:.1%} end with most weight on the compartment of their digit")
@@ -145,19 +120,19 @@ def run_demo(out: Path, *, backbone: Path, classifier: Path, per_class: int = 10
         # mixture of its classes; which compartment made each sample, read from the path alone
         t0 = time.perf_counter()
         att = attribute_samples(st, bb, list(DEMO_SOURCES), n=2 * per_class, seed=seed + 2, steps=25, probes=2)
-        write_samples(out, "attribution", att["images"], None, nrow=per_class)
-        pred, prob, _ = classify(judge_net, att["images"])
-        top = np.clip(att["credit"], 0, None).argmax(1)
+        write_samples(out, "attribution", att.images, None, nrow=per_class)
+        pred, prob, _ = classify(judge_net, att.images)
+        top = np.clip(att.credit, 0, None).argmax(1)
         conf = prob >= 0.8
         results["attribution"] = {
-            "n": len(top), "density": att["density"], "confident": int(conf.sum()),
+            "n": len(top), "density": att.density, "confident": int(conf.sum()),
             "top_credit_is_digit_owner": None if not conf.any() else
             round(float(np.mean(top[conf] == (pred[conf] >= 5))), 4),
             "seconds": round(time.perf_counter() - t0, 1),
             "samples": [{"digit": int(pred[i]), "prob": round(float(prob[i]), 3),
-                         "credit": [round(float(c), 3) for c in att["credit"][i]],
-                         "credit_se": [round(float(c), 4) for c in att["credit_se"][i]],
-                         "weight_path": [round(float(c), 3) for c in att["weight_path"][i]]} for i in range(len(top))]}
+                         "credit": [round(float(c), 3) for c in att.credit[i]],
+                         "credit_se": [round(float(c), 4) for c in att.credit_se[i]],
+                         "weight_path": [round(float(c), 3) for c in att.weight_path[i]]} for i in range(len(top))]}
         a = results["attribution"]
         log(f"attribution: {a['confident']} of {a['n']} samples read confidently; the top-credit source holds the "
             f"digit for {(a['top_credit_is_digit_owner'] or 0):.1%} of them")
@@ -166,8 +141,8 @@ def run_demo(out: Path, *, backbone: Path, classifier: Path, per_class: int = 10
         audit = st.audit_log(limit=6)
         problems = st.verify()
     results["compartments"] = comps
-    results["forget"] = {"source": "digits-5-9", "seconds": round(forgotten["seconds"], 4),
-                         "removed": forgotten["removed"], "remaining_sources": remaining, "store_problems": problems}
+    results["forget"] = {"source": "digits-5-9", "seconds": round(forgotten.seconds, 4),
+                         "removed": forgotten.removed, "remaining_sources": remaining, "store_problems": problems}
     results["seconds"] = round(time.perf_counter() - t_all, 1)
     atomic_write_json(out / "results.json", results)
     atomic_write_bytes(out / "report.md", _report(results, per_class, steps, seed, audit).encode())

@@ -34,18 +34,21 @@ def generate(
     in_chans: int = 1,
     progress: bool = False,
     trajectories: list | None = None,
+    clip: bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Draw images. Class-conditional when ``labels`` is given (one image per label), else ``n`` images.
 
     The initial noise of all images comes from one generator seeded with ``seed``, so deterministic solvers
     do not depend on ``batch_size``. A stateful denoiser (a composed one: path state, gates, weights) is
     ``reset()`` before each batch; if ``trajectories`` is a list, each batch's weight trajectory is appended.
+    ``clip``: clip x_0 predictions to [-1, 1] (default: what the codec says, ``codec.clip_x0``).
     """
     if labels is None and n is None:
         raise ValueError("give labels (class-conditional) or n (unconditional)")
     count = len(labels) if labels is not None else int(n)
     if not 1 <= count <= MAX_SAMPLES:
         raise ValueError(f"number of images must be in 1..{MAX_SAMPLES}, got {count}")
+    clip = bool(getattr(codec, "clip_x0", False)) if clip is None else clip
     base = eps
     if guidance != 1.0:
         if labels is None or null_class is None:
@@ -66,7 +69,7 @@ def generate(
         if hasattr(base, "reset"):
             base.reset()
         x = sample(eps, noise[s:s + batch_size], schedule=schedule, solver=solver, steps=steps, cond=cond, bf16=bf16,
-                   generator=step_noise)
+                   generator=step_noise, clip=clip)
         out.append(codec.decode(x))
         if trajectories is not None and hasattr(base, "trajectory"):
             trajectories.append(base.trajectory())

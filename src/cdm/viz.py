@@ -1,4 +1,4 @@
-"""Image grids as PNG (white ink on black, like the data)."""
+"""Image grids as PNG (white ink on black, like the data), and sample sets as ``.npz`` with their grid."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from PIL import Image
 
 from .io import atomic_write_bytes
 
-__all__ = ["grid", "save_grid"]
+__all__ = ["grid", "save_grid", "write_samples"]
 
 
 def grid(images: np.ndarray, nrow: int | None = None, pad: int = 2, scale: int = 2) -> np.ndarray:
@@ -30,3 +30,12 @@ def save_grid(images: np.ndarray, path: str | Path, nrow: int | None = None, sca
     buf = io.BytesIO()
     Image.fromarray(grid(images, nrow=nrow, scale=scale)).save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())
+
+
+def write_samples(out: Path, name: str, images: np.ndarray, labels: np.ndarray | None, nrow: int) -> None:
+    """``name.npz`` (images uint8 N x 28 x 28, labels) and ``name.png`` (a grid), atomically."""
+    out.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, images=images, **({} if labels is None else {"labels": labels}))
+    atomic_write_bytes(out / f"{name}.npz", buf.getvalue())
+    save_grid(images, out / f"{name}.png", nrow=nrow)

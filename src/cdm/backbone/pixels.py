@@ -31,6 +31,11 @@ class PixelCodec:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def clip_x0(self) -> bool:
+        """Pixels live in [-1, 1], so a solver may clip its x_0 prediction there (a latent codec would not)."""
+        return True
+
     def encode(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 (N, H, W) -> float (N, 1, m, m) in [-1, 1]."""
         x = torch.as_tensor(np.array(images, copy=True))

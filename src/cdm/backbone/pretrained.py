@@ -27,13 +27,14 @@ from ..io import (
     state_dict_sha256,
 )
 from ..sampling import NoiseSchedule, classifier_free_guidance
+from ..shipped import path_of, ref_of, shipped
 from .pixels import PixelCodec
 from .uvit import UViT, UViTConfig
 
 __all__ = ["DEFAULT_BACKBONE", "Backbone"]
 
 KIND = "cdm-backbone"
-DEFAULT_BACKBONE = Path(__file__).resolve().parents[3] / "weights" / "backbone"
+DEFAULT_BACKBONE = shipped("backbone")  # package data: found in an editable checkout and an installed wheel alike
 
 
 @dataclass
@@ -44,6 +45,7 @@ class Backbone:
     schedule: NoiseSchedule = field(default_factory=NoiseSchedule)
     codec: PixelCodec = field(default_factory=PixelCodec)
     record: dict | None = None
+    ref: str | None = None  # where it was loaded from (``shipped:<name>`` or a path); stores record it
 
     def __post_init__(self) -> None:
         if self.codec.model_size != self.net.config.img_size:
@@ -95,7 +97,8 @@ class Backbone:
 
     @classmethod
     def from_pretrained(cls, path: str | Path = DEFAULT_BACKBONE) -> Backbone:
-        path = Path(path)
+        """Load a bundle directory, or a shipped one by ref (``shipped:backbone-glyphs``)."""
+        path = path_of(path)
         if path.is_file():
             load_state_dict(path)  # refuses pickles and non-safetensors files with a clear message
             raise WeightsError(f"{path}: give the backbone directory (config.json + {WEIGHTS_NAME}), not a file")
@@ -112,4 +115,4 @@ class Backbone:
             raise WeightsError(f"{path / CONFIG_NAME}: invalid config ({e})") from None
         load_strict(net, load_state_dict(path / WEIGHTS_NAME), path / WEIGHTS_NAME)
         rec = path / "training.json"
-        return cls(net, schedule, codec, read_json(rec) if rec.exists() else None).freeze()
+        return cls(net, schedule, codec, read_json(rec) if rec.exists() else None, ref=ref_of(path)).freeze()

@@ -5,19 +5,60 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+from enum import Enum
 from pathlib import Path
 
 import typer
 from rich.console import Console
 
+from ..compartments import CompartmentConfig
+from ..composition.registry import REGISTRY, names as weighting_names
 from ..errors import CdmError
+from ..sampling import SCHEDULES, SOLVERS
+from ..shipped import shipped
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compartmentalized Diffusion Models: generators whose training data stays protected.")
 console = Console(stderr=True, soft_wrap=True)
-REPO = Path(__file__).resolve().parents[3]
-DEFAULT_BACKBONE = REPO / "weights" / "backbone"
-DEFAULT_CLASSIFIER = REPO / "weights" / "classifier"
+DEFAULT_BACKBONE = shipped("backbone")  # package data (works from a wheel too)
+DEFAULT_CLASSIFIER = shipped("classifier")
+_CC = CompartmentConfig()  # the defaults of `cdm add` and `cdm paragon` are the config's (one place)
+
+
+def _choices(name: str, values) -> type[Enum]:
+    """A str Enum of ``values``: typer lists them in --help and refuses anything else before any work starts."""
+    return Enum(name, {v: v for v in values}, type=str)
+
+
+# Every choice comes from where the choice is made: weightings from the registry, solvers from cdm.sampling.
+Weighting = _choices("Weighting", weighting_names())
+Solver = _choices("Solver", SOLVERS)
+Schedule = _choices("Schedule", SCHEDULES)
+LrSchedule = _choices("LrSchedule", ("constant", "cosine"))
+HeadKind = _choices("HeadKind", sorted({s.heads for s in REGISTRY.values() if s.heads}))
+Density = _choices("Density", ("auto", "class-mixture", "prompt-row"))
+AttributionWeighting = _choices("AttributionWeighting", ("ode", *(k for k in weighting_names() if REGISTRY[k].heads)))
+Accountant = _choices("Accountant", ("rdp", "prv"))
+Profile = _choices("Profile", ("toy", "quick", "full"))
+WEIGHTING_HELP = "How composition weights are obtained: " + "; ".join(
+    f"{k}: {REGISTRY[k].help}" for k in weighting_names()) + "."
+
+
+def _value(choice) -> str | None:
+    return None if choice is None else (choice.value if isinstance(choice, Enum) else str(choice))
+
+
+def _threads_option():
+    return typer.Option(None, help="torch CPU threads (default: torch's choice, all cores).")
+
+
+def _store_option(help: str = "Compartment store directory."):
+    return typer.Option(..., help=help)
+
+
+def _backbone_option():
+    return typer.Option(None, help="Backbone directory or shipped:NAME. Default: the store's own (recorded when "
+                                   "the store was created); a store refuses another.")
 
 
 @app.callback()
@@ -52,22 +93,22 @@ def _command() -> str:
 def pretrain(
     out: Path = typer.Option(..., help="Run directory: checkpoint, then the finished backbone bundle."),
     steps: int = typer.Option(4000, help="Total optimiser steps."),
-    batch_size: int = typer.Option(64),
-    lr: float = typer.Option(2e-3),
-    lr_schedule: str = typer.Option("cosine", help="constant | cosine"),
+    batch_size: int = typer.Option(64, help="Images per optimiser step."),
+    lr: float = typer.Option(2e-3, help="Peak learning rate (AdamW)."),
+    lr_schedule: LrSchedule = typer.Option("cosine", help="Learning-rate schedule."),
     glyphs: int = typer.Option(0, help="Synthetic digit glyphs added to the 1,000 public MNIST digits."),
     public_digits: bool = typer.Option(True, help="--no-public-digits: glyphs only (a domain gap to the protected "
                                        "handwritten digits, the paper's setting)."),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="Seed of initialisation, batches and noise."),
     max_minutes: float | None = typer.Option(None, help="Stop after a checkpoint once this long (resume later)."),
-    threads: int | None = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
+    threads: int | None = _threads_option(),
 ) -> None:
     """Pretrain the class-conditional U-ViT backbone on PUBLIC data only (resumable, deterministic)."""
     from ..training import PretrainConfig
     from ..training import pretrain as run
 
     _threads(threads)
-    cfg = PretrainConfig(steps=steps, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, glyphs=glyphs,
+    cfg = PretrainConfig(steps=steps, batch_size=batch_size, lr=lr, lr_schedule=_value(lr_schedule), glyphs=glyphs,
                          public_digits=public_digits, seed=seed)
     rec = run(cfg, out, max_minutes=max_minutes, command=_command())
     state = "finished" if rec["finished"] else "paused (run the same command to resume)"
@@ -87,79 +128,95 @@ def _parse_classes(spec: str | None) -> list[int] | None:
 @app.command()
 def sample(
     out: Path = typer.Option(Path("out/samples"), help="Directory for samples.npz and samples.png."),
-    backbone: Path = typer.Option(DEFAULT_BACKBONE, help="Backbone directory (config.json + model.safetensors)."),
+    store: Path | None = typer.Option(None, help="Compartment store (with --sources)."),
+    sources: str | None = typer.Option(None, help="Comma-separated sources to compose (one = that compartment)."),
+    weighting: Weighting = typer.Option("ito", help=WEIGHTING_HELP),
+    backbone: Path | None = typer.Option(None, help="Backbone directory or shipped:NAME (default: the store's, "
+                                         "else the shipped one)."),
     per_class: int = typer.Option(10, help="Images per class."),
     classes: str | None = typer.Option(None, help="Comma-separated class labels (default: all)."),
     n: int | None = typer.Option(None, help="Draw N unconditional images instead of per-class ones."),
-    solver: str = typer.Option("ddim", help="ddim | dpmpp2m | ddpm (ancestral; needed by --weighting ito)"),
+    solver: Solver | None = typer.Option(None, help="Default: what the weighting needs (ddpm, the ancestral solver, "
+                                         "for ito over several sources), else ddim."),
     steps: int = typer.Option(50, help="Solver steps."),
-    guidance: float = typer.Option(2.0, help="Classifier-free guidance scale (1 = none)."),
-    seed: int = typer.Option(0),
+    guidance: float = typer.Option(2.0, help="Classifier-free guidance scale (1 = none; class-conditional only)."),
+    seed: int = typer.Option(0, help="Seed of the initial noise and of stochastic solvers."),
     bf16: bool = typer.Option(False, help="bfloat16 autocast for the denoiser."),
-    store: Path | None = typer.Option(None, help="Compartment store (with --sources)."),
-    sources: str | None = typer.Option(None, help="Comma-separated sources to compose (one = that compartment)."),
-    weighting: str = typer.Option("ito", help="ito | router | isolated | classifier | naive | single."),
     sparse: float = typer.Option(0.0, help="Stop evaluating a source for a sample once its weight < this."),
-    threads: int | None = typer.Option(None),
+    threads: int | None = _threads_option(),
 ) -> None:
     """Draw images from the backbone, one compartment, or a composition of compartments (PNG grid + .npz)."""
+    import io as _io
+
     import numpy as np
 
     from ..backbone import Backbone
-    from ..demo import write_samples
-    from ..generation import generate, sample_backbone
+    from ..io import atomic_write_bytes
+    from ..operations import generate_from_store, store_backbone
+    from ..viz import write_samples
 
     _threads(threads)
     wanted = _parse_classes(classes)
     if (store is None) != (sources is None):
         raise CdmError("--store and --sources go together")
-    if weighting == "ito" and sources and "," in sources and solver != "ddpm":
-        raise CdmError("--weighting ito tracks densities along a stochastic path: use --solver ddpm")
-    bb = Backbone.from_pretrained(backbone)
-    eps, composed, names = None, None, []
-    if store is not None:
-        from ..operations import compose
+    names = [s for s in (sources or "").split(",") if s]
+    if store is not None and not names:
+        raise CdmError("--sources: name at least one source")
+    from ..composition.registry import resolve_solver
 
-        names = [s for s in sources.split(",") if s]
-        with _open_store(store) as st:
-            composed = compose(st, bb, names, weighting=weighting, threshold=sparse, seed=seed)
-        eps = composed
-    trajectories: list = []
-    if n is not None:
-        images, labels = generate(eps or bb.eps, schedule=bb.schedule, codec=bb.codec, n=n, solver=solver, steps=steps,
-                                  seed=seed, bf16=bf16, progress=True, trajectories=trajectories)
-    else:
-        images, labels = sample_backbone(bb, per_class=per_class, classes=wanted, solver=solver, eps=eps, steps=steps,
-                                         guidance=guidance, seed=seed, bf16=bf16, progress=True,
-                                         trajectories=trajectories)
-    write_samples(out, "samples", images, labels, nrow=per_class if n is None else 10)
-    msg = f"{len(images)} images -> {out / 'samples.npz'}, {out / 'samples.png'}"
-    if composed is not None:
-        from ..io import atomic_write_bytes
-        import io as _io
-
-        traj = np.concatenate([t.numpy() for t in trajectories], axis=1)  # (calls, N or 2N with guidance, n)
+    resolve_solver(_value(weighting), len(names), _value(solver))  # refuse a wrong pair before loading anything
+    st = _open_store(store) if store is not None else None
+    try:
+        bb = store_backbone(st, backbone) if st is not None else Backbone.from_pretrained(backbone or DEFAULT_BACKBONE)
+        labels = None
+        if n is None:
+            c = bb.config
+            wanted = wanted if wanted is not None else [k for k in range(max(c.num_classes, 0)) if k != c.null_class]
+            if not wanted:
+                raise CdmError("this backbone is unconditional: use --n N")
+            bad = [k for k in wanted if not 0 <= k < c.num_classes or k == c.null_class]
+            if bad:
+                raise CdmError(f"--classes {bad} are not classes of this backbone (0..{c.num_classes - 1}, null class "
+                               f"{c.null_class} excluded)")
+            if per_class < 1:
+                raise CdmError(f"--per-class must be >= 1, got {per_class}")
+            labels = np.repeat(np.asarray(wanted, dtype=np.int64), per_class)
+        gen = generate_from_store(st, bb, names, labels=labels, n=n, weighting=_value(weighting),
+                                  solver=_value(solver), steps=steps, guidance=guidance, seed=seed, threshold=sparse,
+                                  bf16=bf16, progress=True)
+    finally:
+        if st is not None:
+            st.close()
+    write_samples(out, "samples", gen.images, gen.labels, nrow=per_class if n is None else 10)
+    msg = f"{len(gen.images)} images ({gen.solver} x{gen.steps}) -> {out / 'samples.npz'}, {out / 'samples.png'}"
+    if gen.weights is not None:
         buf = _io.BytesIO()
-        np.savez_compressed(buf, weights=traj, sources=np.array(names))
+        np.savez_compressed(buf, weights=gen.weights, sources=np.array(gen.sources))
         atomic_write_bytes(out / "weights.npz", buf.getvalue())
-        final = traj[-1, : len(images)].mean(0)
-        msg += (f"; {composed.evals} denoiser evaluations in the last batch; mean final weights "
-                + ", ".join(f"{k}={v:.2f}" for k, v in zip(names, final, strict=True)) + f" -> {out / 'weights.npz'}")
+        final = gen.final_weights.mean(0)
+        msg += (f"; {gen.evals} denoiser evaluations; mean final weights "
+                + ", ".join(f"{k}={v:.2f}" for k, v in zip(gen.sources, final, strict=True))
+                + f" -> {out / 'weights.npz'}")
     console.print(msg)
 
 
 @app.command("train-classifier")
 def train_classifier_cmd(
-    out: Path = typer.Option(DEFAULT_CLASSIFIER, help="Directory for the classifier bundle."),
-    steps: int = typer.Option(800),
-    seed: int = typer.Option(0),
-    threads: int | None = typer.Option(None),
+    out: Path = typer.Option(..., help="Directory for the classifier bundle (a new one: the shipped classifier is "
+                                       "shipped:classifier and is never overwritten from here)."),
+    steps: int = typer.Option(800, help="Optimiser steps."),
+    seed: int = typer.Option(0, help="Seed of initialisation and batches."),
+    threads: int | None = _threads_option(),
 ) -> None:
     """Train the digit classifier (FID features and judge) on the PUBLIC MNIST slice; report held-out accuracy."""
     from ..data import public_protected
     from ..evaluation import down_up, judge, train_classifier
-    from ..training import git_commit, machine_info
+    from ..provenance import git_commit, machine_info
 
+    from ..shipped import WEIGHTS_DIR
+
+    if out.resolve().is_relative_to(WEIGHTS_DIR.resolve()):
+        raise CdmError(f"--out {out} is inside the shipped weights ({WEIGHTS_DIR}); pick another directory")
     _threads(threads)
     public, protected = public_protected()
     model, record = train_classifier(public.images, public.labels, steps=steps, seed=seed)
@@ -178,12 +235,11 @@ def train_classifier_cmd(
 def score(
     samples: Path = typer.Argument(..., help="An .npz with images (uint8 N x 28 x 28) and optional labels."),
     reference: str = typer.Option("mnist/protected", help="Source spec of the real reference set."),
-    classifier: Path = typer.Option(DEFAULT_CLASSIFIER),
+    classifier: Path = typer.Option(DEFAULT_CLASSIFIER, help="Classifier directory (FID features and judge)."),
 ) -> None:
     """Score samples with the shipped classifier: accuracy vs requested labels, confidence, FID vs real digits."""
     from ..data import load_npz, load_source
-    from ..demo import score_samples
-    from ..evaluation import DigitClassifier
+    from ..evaluation import DigitClassifier, score_samples
 
     src = load_npz(samples)
     print(json.dumps(score_samples(src.images, src.labels, DigitClassifier.from_pretrained(classifier),
@@ -192,30 +248,31 @@ def score(
 
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("out/demo"), help="Report directory."),
-    backbone: Path = typer.Option(DEFAULT_BACKBONE),
-    classifier: Path = typer.Option(DEFAULT_CLASSIFIER),
+    out: Path = typer.Option(Path("out/demo"), help="Report directory (the demo's store is OUT/store)."),
+    backbone: Path = typer.Option(DEFAULT_BACKBONE, help="Backbone directory or shipped:NAME."),
+    classifier: Path = typer.Option(DEFAULT_CLASSIFIER, help="Classifier directory (judge and FID features)."),
     per_class: int = typer.Option(10, help="Images per class in each grid."),
     steps: int = typer.Option(300, help="Training steps per demo compartment."),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="Seed of training and sampling."),
 ) -> None:
     """The main job on the embedded data: backbone samples, two compartments, a forget; writes report.md."""
     from ..demo import run_demo
 
     run_demo(out, backbone=backbone, classifier=classifier, per_class=per_class, steps=steps, seed=seed,
              log=console.print)
-    console.print(f"report -> {out / 'report.md'}")
+    console.print(f"report -> {out / 'report.md'}; store -> {out / 'store'} (try `cdm sources --store "
+                  f"{out / 'store'}`)")
 
 
 @app.command()
 def bench(
-    profile: str = typer.Option("quick", help="toy (seconds, CI), quick (under 25 min on 2 cores) or full."),
+    profile: Profile = typer.Option("quick", help="toy (seconds, CI), quick (under 25 min on 2 cores) or full."),
     out: Path = typer.Option(Path("out/bench"), help="Results directory (resumable: rerun to continue)."),
     parts: str = typer.Option("all", help="Comma-separated parts, or all: paragon, table1, two_domain, cost, "
                               "continual, forget, memorization, dp, attribution."),
-    backbone: Path = typer.Option(DEFAULT_BACKBONE),
-    classifier: Path = typer.Option(DEFAULT_CLASSIFIER),
-    threads: int | None = typer.Option(None, help="Torch CPU threads (default: all cores)."),
+    backbone: Path = typer.Option(DEFAULT_BACKBONE, help="Backbone directory or shipped:NAME."),
+    classifier: Path = typer.Option(DEFAULT_CLASSIFIER, help="Classifier directory (judge and FID features)."),
+    threads: int | None = _threads_option(),
     device: str = typer.Option("cpu", help="Where the backbone's transformer runs: cpu, cuda, cuda:1 ..."),
 ) -> None:
     """The seed paper's evaluation on the embedded data: results.json, report.md, plots, sample sets."""
@@ -223,15 +280,15 @@ def bench(
 
     _threads(threads)
     chosen = PARTS if parts == "all" else tuple(p.strip() for p in parts.split(",") if p.strip())
-    res = run_bench(profile, out, backbone=backbone, classifier=classifier, parts=chosen, progress=False,
+    res = run_bench(_value(profile), out, backbone=backbone, classifier=classifier, parts=chosen, progress=False,
                     meta={"command": _command()}, device=_device(device))
     console.print(f"{res['meta']['wall_seconds']:.0f} s of parts; report -> {out / 'report.md'}")
 
 
-def _open_store(path: Path, create: bool = False):
+def _open_store(path: Path):
     from ..store import Store
 
-    return Store.create(path) if create else Store.open(path)
+    return Store.open(path)
 
 
 def _compartment_config(steps: int, prompts: int, unconditional: bool, seed: int, batch_size: int, lr: float):
@@ -241,58 +298,75 @@ def _compartment_config(steps: int, prompts: int, unconditional: bool, seed: int
                              batch_size=batch_size, lr=lr)
 
 
+def _learned_note(rec) -> str:
+    if rec.learned:
+        return ""
+    return ("; WARNING: it learnt nothing (validation kept step 0, so it equals the backbone): train longer or "
+            "with another --lr")
+
+
 @app.command()
 def add(
     spec: str = typer.Argument(..., help="Source: mnist/protected/strat8-0, a folder, an .npz ... (see cdm.data)."),
-    store: Path = typer.Option(..., help="Compartment store directory (created if missing)."),
+    store: Path = typer.Option(..., help="Compartment store directory (created if missing, with this backbone)."),
     name: str = typer.Option(..., help="Name of the source in the store (letters, digits, . _ -)."),
     tags: str = typer.Option("", help="Comma-separated access tags."),
-    steps: int = typer.Option(2000, help="Optimiser steps."),
-    prompts: int = typer.Option(8, help="Prompt tokens per block (P)."),
+    steps: int = typer.Option(_CC.steps, help="Optimiser steps."),
+    prompts: int = typer.Option(_CC.n_prompts, help="Prompt tokens per block (P)."),
     unconditional: bool = typer.Option(False, help="One prompt set instead of one per class."),
-    batch_size: int = typer.Option(64),
-    lr: float = typer.Option(0.1),
-    seed: int = typer.Option(0),
-    backbone: Path = typer.Option(DEFAULT_BACKBONE),
+    batch_size: int = typer.Option(_CC.batch_size, help="Samples per optimiser step."),
+    lr: float = typer.Option(_CC.lr, help="Learning rate (Adam, cosine schedule)."),
+    seed: int = typer.Option(_CC.seed, help="Seed of prompts, batches and noise (training is deterministic)."),
+    backbone: Path | None = _backbone_option(),
     max_minutes: float | None = typer.Option(None, help="Pause after a checkpoint; run again to resume."),
-    threads: int | None = typer.Option(None),
+    threads: int | None = _threads_option(),
     dp_epsilon: float | None = typer.Option(None, help="Train with DP-SGD to this epsilon (sample-level; "
                                                         "--batch-size is then the expected Poisson batch)."),
     dp_delta: float | None = typer.Option(None, help="DP delta (default min(1/N, 1e-5))."),
     dp_clip: float = typer.Option(1.0, help="DP per-sample gradient clipping norm."),
     dp_augmult: int = typer.Option(1, help="DP: (t, noise) draws per sample, averaged before clipping."),
-    dp_accountant: str = typer.Option("rdp", help="DP accountant: rdp | prv."),
+    dp_accountant: Accountant = typer.Option("rdp", help="DP accountant."),
 ) -> None:
     """Add a data source: register it and train its compartment (no other compartment changes)."""
     from ..backbone import Backbone
     from ..data import load_source
-    from ..operations import add_source
+    from ..operations import add_source, check_add, store_backbone
+    from ..store import REGISTRY_NAME, Store, check_source_name
 
     _threads(threads)
+    check_source_name(name)  # before anything is read or written
     cfg = _compartment_config(steps, prompts, unconditional, seed, batch_size, lr)
-    source = load_source(spec)
-    bb = Backbone.from_pretrained(backbone)
-    with _open_store(store, create=True) as st:
-        if dp_epsilon is not None:
-            from ..operations import add_source_dp
-            from ..privacy import DPConfig
+    dp = None
+    if dp_epsilon is not None:
+        from ..privacy import DPConfig
 
-            dp = DPConfig(epsilon=dp_epsilon, delta=dp_delta, max_grad_norm=dp_clip, augmult=dp_augmult,
-                          accountant=dp_accountant)
-            out = add_source_dp(st, bb, source, name=name, cfg=cfg, dp=dp, tags=tuple(t for t in tags.split(",") if t),
-                                max_minutes=max_minutes)
-        else:
-            out = add_source(st, bb, source, name=name, cfg=cfg, tags=tuple(t for t in tags.split(",") if t),
-                             max_minutes=max_minutes)
-    rec = out["record"]
-    if not out["finished"]:
-        console.print(f"paused at step {rec['steps_done']}/{steps}; run the same command to resume")
+        dp = DPConfig(epsilon=dp_epsilon, delta=dp_delta, max_grad_norm=dp_clip, augmult=dp_augmult,
+                      accountant=_value(dp_accountant))
+    source = load_source(spec)
+    tag_list = tuple(t for t in tags.split(",") if t)
+    if (store / REGISTRY_NAME).is_file():
+        st = Store.open(store)
+        try:
+            bb = store_backbone(st, backbone)
+            check_add(bb, source, name=name, cfg=cfg, dp=dp)
+        except BaseException:
+            st.close()
+            raise
+    else:
+        bb = Backbone.from_pretrained(backbone or DEFAULT_BACKBONE)
+        check_add(bb, source, name=name, cfg=cfg, dp=dp)  # nothing is written before this passes
+        st = Store.create(store, backbone_hash=bb.hash, backbone_ref=bb.ref)
+    with st:
+        out = add_source(st, bb, source, name=name, cfg=cfg, tags=tag_list, max_minutes=max_minutes, dp=dp)
+    rec = out.record
+    if not out.finished:
+        console.print(f"paused at step {rec.steps_done}/{steps}; run the same command to resume")
         return
-    console.print(f"compartment '{name}': {len(source)} samples, {rec['steps_done']} steps, "
-                  f"{rec['wall_seconds']:.1f} s, loss {rec['final_loss']:.4f}, "
-                  f"weights {out['row']['weights_sha256'][:12]}")
-    if rec.get("dp"):
-        d = rec["dp"]
+    console.print(f"compartment '{name}': {len(source)} samples, {rec.steps_done} steps, "
+                  f"{rec.wall_seconds:.1f} s, loss {rec.final_loss:.4f}, "
+                  f"weights {out.compartment.weights_sha256[:12]}" + _learned_note(rec))
+    if rec.dp:
+        d = rec.dp
         console.print(f"DP: epsilon {d['epsilon']:.3f} (target {d['target_epsilon']:g}, {d['accountant']}) at delta "
                       f"{d['delta']:.2g}; noise multiplier {d['noise_multiplier']:.3f}, clip {d['max_grad_norm']:g}, "
                       f"sample rate {d['sample_rate']:.4f}, {d['steps']} steps, augmult {d['augmult']}")
@@ -300,77 +374,92 @@ def add(
 
 @app.command()
 def paragon(
-    store: Path = typer.Option(...),
+    store: Path = _store_option(),
     sources: str | None = typer.Option(None, help="Comma-separated source names (default: all)."),
-    steps: int = typer.Option(2000),
-    prompts: int = typer.Option(8),
-    unconditional: bool = typer.Option(False),
-    batch_size: int = typer.Option(64),
-    lr: float = typer.Option(0.1),
-    seed: int = typer.Option(0),
-    backbone: Path = typer.Option(DEFAULT_BACKBONE),
-    threads: int | None = typer.Option(None),
+    steps: int = typer.Option(_CC.steps, help="Optimiser steps."),
+    prompts: int = typer.Option(_CC.n_prompts, help="Prompt tokens per block (P)."),
+    unconditional: bool = typer.Option(False, help="One prompt set instead of one per class."),
+    batch_size: int = typer.Option(_CC.batch_size, help="Samples per optimiser step."),
+    lr: float = typer.Option(_CC.lr, help="Learning rate (Adam, cosine schedule)."),
+    seed: int = typer.Option(_CC.seed, help="Seed of prompts, batches and noise (training is deterministic)."),
+    backbone: Path | None = _backbone_option(),
+    threads: int | None = _threads_option(),
 ) -> None:
     """Train the paragon: one compartment with the same prompt budget on the union of the sources."""
-    from ..backbone import Backbone
-    from ..operations import train_paragon
+    from ..operations import store_backbone, train_paragon
 
     _threads(threads)
     cfg = _compartment_config(steps, prompts, unconditional, seed, batch_size, lr)
-    bb = Backbone.from_pretrained(backbone)
     with _open_store(store) as st:
-        out = train_paragon(st, bb, cfg=cfg, sources=sources.split(",") if sources else None)
-    rec = out["record"]
-    console.print(f"paragon on {rec['source']['n']} samples: {rec['steps_done']} steps, {rec['wall_seconds']:.1f} s")
+        out = train_paragon(st, store_backbone(st, backbone), cfg=cfg,
+                            sources=sources.split(",") if sources else None)
+    rec = out.record
+    console.print(f"paragon on {rec.source['n']} samples: {rec.steps_done} steps, {rec.wall_seconds:.1f} s"
+                  + _learned_note(rec))
 
 
 @app.command()
 def forget(
     name: str = typer.Argument(..., help="Source name in the store."),
-    store: Path = typer.Option(...),
+    store: Path = _store_option(),
     sample: list[str] | None = typer.Option(None, help="Sample id (content hash or >= 12-char prefix); repeat."),
     reason: str = typer.Option("", help="Why (kept in the audit log)."),
-    backbone: Path = typer.Option(DEFAULT_BACKBONE),
-    threads: int | None = typer.Option(None),
+    backbone: Path | None = _backbone_option(),
+    threads: int | None = _threads_option(),
 ) -> None:
     """Forget a source (delete everything derived from it) or, with --sample, samples of it (exact retrain)."""
-    from ..operations import forget_samples, forget_source
+    from ..operations import forget_samples, forget_source, store_backbone
 
     _threads(threads)
     with _open_store(store) as st:
         if sample:
-            from ..backbone import Backbone
-
-            out = forget_samples(st, Backbone.from_pretrained(backbone), name, list(sample), reason=reason)
-            console.print(f"forgot {out['n_removed']} sample(s) of '{name}': compartment retrained from scratch in "
-                          f"{out['seconds']:.1f} s ({out['before'][:12]} -> {out['after'][:12]})"
-                          + (f"; dropped joint compartments {out['dropped']} (retrain them)" if out["dropped"] else ""))
+            out = forget_samples(st, store_backbone(st, backbone), name, list(sample), reason=reason)
+            console.print(f"forgot {out.n_removed} sample(s) of '{name}': compartment retrained from scratch in "
+                          f"{out.seconds:.1f} s ({out.before[:12]} -> {out.after[:12]})"
+                          + (f"; dropped joint compartments {out.dropped} (retrain them)" if out.dropped else ""))
         else:
             out = forget_source(st, name, reason=reason)
-            console.print(f"forgot source '{name}' in {out['seconds'] * 1000:.0f} ms: removed {out['removed']}"
-                          + (f"; retrain {[r['cid'] for r in out['retrain']]}" if out["retrain"] else ""))
+            console.print(f"forgot source '{name}' in {out.seconds * 1000:.0f} ms: removed {out.removed}"
+                          + (f"; retrain {[r.cid for r in out.retrain]} on the remaining sources" if out.retrain
+                             else ""))
 
 
 @app.command()
-def sources(store: Path = typer.Option(...)) -> None:
-    """List the store's sources and compartments."""
+def sources(store: Path = _store_option()) -> None:
+    """List the store's sources, their compartments and state (incomplete adds, compartments that learnt nothing)."""
     from rich.table import Table
 
+    incomplete = []
     with _open_store(store) as st:
         comps = st.compartments()
-        table = Table(title=f"store {store}")
-        for col in ("source", "samples", "tags", "compartments", "added"):
+        bb = st.backbone
+        table = Table(title=f"store {store}" + (f" (backbone {bb['hash'][:12]}"
+                                                + (f", {bb['ref']})" if bb["ref"] else ")") if bb else ""))
+        for col in ("source", "samples", "tags", "compartments", "state", "added"):
             table.add_column(col)
         for s in st.sources():
             cids = [f"{c['cid']} ({c['kind']})" for c in comps if s["id"] in c["sources"]]
-            table.add_row(s["id"], str(s["n"]), ",".join(s["tags"]), ", ".join(cids) or "-", s["added_at"][:19])
+            if not s["complete"]:
+                state = "incomplete"
+                incomplete.append(s["id"])
+            elif any(c["cid"] == s["id"] and c["kind"] == "compartment" for c in comps):
+                learned = st.compartment(s["id"])["manifest"].get("learned")
+                state = "learnt nothing (= backbone)" if learned is False else "ready"
+            else:
+                state = "no compartment"
+            table.add_row(s["id"], str(s["n"]), ",".join(s["tags"]), ", ".join(cids) or "-", state,
+                          s["added_at"][:19])
     Console().print(table)
+    for name in incomplete:
+        console.print(f"'{name}' is incomplete (its add stopped before the compartment was stored): rerun the same "
+                      f"`cdm add ... --name {name}` to resume, or `cdm forget {name} --store {store}` to remove it")
 
 
 @app.command()
-def show(name: str = typer.Argument(...), store: Path = typer.Option(...),
+def show(name: str = typer.Argument(..., help="Compartment id (a source's name, paragon, router ...)."),
+         store: Path = _store_option(),
          hashes: bool = typer.Option(False, help="Also print every sample hash.")) -> None:
-    """Show a compartment's manifest (source, hashes, backbone, config, seed, steps, wall time, DP)."""
+    """Show a compartment's manifest (source, hashes, backbone, config, seed, steps, wall time, DP, learned)."""
     from rich.table import Table
 
     with _open_store(store) as st:
@@ -385,10 +474,12 @@ def show(name: str = typer.Argument(...), store: Path = typer.Option(...),
         v = m[k]
         table.add_row(k, json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else str(v))
     Console().print(table)
+    if m.get("learned") is False:
+        console.print(f"'{name}' learnt nothing: validation kept step 0, so it equals the backbone")
 
 
 @app.command()
-def audit(store: Path = typer.Option(...), limit: int = typer.Option(20)) -> None:
+def audit(store: Path = _store_option(), limit: int = typer.Option(20, help="How many of the latest records.")) -> None:
     """The latest audit records: who, when, what, before/after hashes."""
     from rich.table import Table
 
@@ -405,57 +496,45 @@ def audit(store: Path = typer.Option(...), limit: int = typer.Option(20)) -> Non
 
 @app.command("train-router")
 def train_router_cmd(
-    store: Path = typer.Option(..., help="Compartment store."),
+    store: Path = _store_option(),
     sources: str | None = typer.Option(None, help="Comma-separated sources (default: all with a compartment)."),
-    kind: str = typer.Option("router", help="router (joint heads on the compartments' mid tokens, the paper's) | "
-                                            "classifier (a separate noisy classifier) | isolated (one head per "
-                                            "source, trained on it and public data only)"),
+    kind: HeadKind = typer.Option("router", help="; ".join(f"{s.heads}: {s.help}" for s in REGISTRY.values()
+                                                           if s.heads) + "."),
     steps: int = typer.Option(500, help="Optimiser steps (per head for --kind isolated)."),
-    batch_size: int = typer.Option(64),
-    lr: float = typer.Option(3e-3),
-    seed: int = typer.Option(0),
-    backbone: Path = typer.Option(DEFAULT_BACKBONE),
-    threads: int | None = typer.Option(None),
+    batch_size: int = typer.Option(64, help="Noisy samples per optimiser step."),
+    lr: float = typer.Option(3e-3, help="Learning rate."),
+    seed: int = typer.Option(0, help="Seed of initialisation, batches and noise."),
+    backbone: Path | None = _backbone_option(),
+    threads: int | None = _threads_option(),
 ) -> None:
-    """Train learned composition weights for `cdm sample --weighting router|classifier|isolated`."""
-    from ..backbone import Backbone
-    from ..composition.heads import HeadConfig
-    from ..operations import train_isolated_op, train_router_op
+    """Train the heads a learned weighting needs (`cdm sample --weighting router|classifier|isolated`)."""
+    from ..composition import HeadConfig
+    from ..operations import store_backbone, train_heads
 
     _threads(threads)
-    if kind not in ("router", "classifier", "isolated"):
-        raise CdmError(f"--kind must be router, classifier or isolated, got {kind!r}")
+    kind = _value(kind)
     cfg = HeadConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed)
-    bb = Backbone.from_pretrained(backbone)
     names = [s for s in sources.split(",") if s] if sources else None
     with _open_store(store) as st:
-        if kind == "isolated":
-            for name in names or [r["cid"] for r in st.compartments(kind="compartment")]:
-                out = train_isolated_op(st, bb, name, cfg=cfg)
-                rec = out["record"]
-                console.print(f"isolated head '{out['row']['cid']}': {rec['steps']} steps, "
-                              f"{rec['wall_seconds']:.1f} s, loss {rec['final_loss']:.4f}, "
-                              f"held-out accuracy {rec['accuracy']:.3f} (vs core)")
-            return
-        out = train_router_op(st, bb, names, kind=kind, cfg=cfg)
-    rec = out["record"]
-    console.print(f"{kind} '{out['row']['cid']}' on {', '.join(out['row']['sources'])}: {rec['steps']} steps, "
-                  f"{rec['wall_seconds']:.1f} s, loss {rec['final_loss']:.4f}, held-out accuracy "
-                  f"{rec['accuracy']:.3f} (chance {rec['chance']:.3f}); by t: {rec['accuracy_by_t']}")
+        for out in train_heads(st, store_backbone(st, backbone), names, kind, cfg=cfg):
+            c, rec = out.compartment, out.record
+            chance = f" (chance {rec['chance']:.3f})" if "chance" in rec else " (vs the public core)"
+            console.print(f"{c.kind} '{c.cid}' on {', '.join(c.sources)}: {rec['steps']} steps, "
+                          f"{rec['wall_seconds']:.1f} s, loss {rec['final_loss']:.4f}, held-out accuracy "
+                          f"{rec['accuracy']:.3f}{chance}")
 
 
 # ----------------------------------------------------------------------------------------------- the service
-DEMO_STORE = Path("out/demo/store")
 keys_app = typer.Typer(no_args_is_help=True, help="API keys of the service (hashed in the store's registry).")
 app.add_typer(keys_app, name="keys")
 
 
 @app.command()
 def serve(
-    store: Path = typer.Option(DEMO_STORE, help="Compartment store to serve (default: the demo's, `cdm demo`)."),
+    store: Path = _store_option("Compartment store to serve (`cdm demo` builds out/demo/store)."),
     host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
-    port: int = typer.Option(8000),
-    backbone: Path = typer.Option(DEFAULT_BACKBONE),
+    port: int = typer.Option(8000, help="TCP port."),
+    backbone: Path | None = _backbone_option(),
     threads: int = typer.Option(1, help="torch CPU threads per worker thread."),
     workers: int = typer.Option(1, help="Generate requests computed at once."),
     queue: int = typer.Option(16, help="Generate requests waiting beyond those (503 when full)."),
@@ -464,7 +543,7 @@ def serve(
     max_body_kb: int = typer.Option(64, help="JSON body limit (KiB)."),
     max_upload_mb: int = typer.Option(32, help="Uploaded .npz limit (MiB)."),
     train_steps: int = typer.Option(300, help="Default training steps of a source added over HTTP."),
-    log_level: str = typer.Option("info"),
+    log_level: str = typer.Option("info", help="uvicorn log level (debug, info, warning, error)."),
 ) -> None:
     """Serve generation by access rights over HTTP (API + web page at /, OpenAPI at /docs)."""
     try:
@@ -473,14 +552,17 @@ def serve(
         from ..server import Limits, create_app, list_keys
     except ImportError as e:
         raise CdmError(f"the service needs fastapi, uvicorn and python-multipart: pip install -e . ({e})") from None
+    from ..operations import store_backbone
+
     if not (store / "registry.sqlite").is_file():
-        hint = " (build it with `cdm demo`)" if store == DEMO_STORE else ""
-        raise CdmError(f"{store}: no compartment store{hint}")
+        raise CdmError(f"{store}: no compartment store (`cdm demo` builds out/demo/store; `cdm add` makes one)")
     limits = Limits(max_n=max_n, max_steps=max_steps, max_body_bytes=max_body_kb * 1024,
                     max_upload_bytes=max_upload_mb * 1024 * 1024, workers=workers, queue=queue, threads=threads,
                     default_train_steps=train_steps, max_train_steps=max(train_steps, Limits.max_train_steps))
     _threads(threads)
-    asgi = create_app(store, backbone=backbone, limits=limits)
+    with _open_store(store) as st:
+        bb = store_backbone(st, backbone)
+    asgi = create_app(store, backbone=bb, limits=limits)
     live = [k for k in list_keys(store) if k.revoked_at is None]
     if not live:
         console.print(f"no API key yet: make one with `cdm keys create admin --admin --store {store}`")
@@ -491,7 +573,7 @@ def serve(
 @keys_app.command("create")
 def keys_create(
     name: str = typer.Argument(..., help="Key name (the actor in the audit log)."),
-    store: Path = typer.Option(DEMO_STORE),
+    store: Path = _store_option(),
     sources: str = typer.Option("", help="Comma-separated sources this key may use."),
     admin: bool = typer.Option(False, help="An admin key: every source, and the admin endpoints."),
 ) -> None:
@@ -506,7 +588,7 @@ def keys_create(
 
 
 @keys_app.command("list")
-def keys_list(store: Path = typer.Option(DEMO_STORE)) -> None:
+def keys_list(store: Path = _store_option()) -> None:
     """List API keys (names, rights, prefixes; never the tokens)."""
     from rich.table import Table
 
@@ -524,7 +606,7 @@ def keys_list(store: Path = typer.Option(DEMO_STORE)) -> None:
 
 
 @keys_app.command("revoke")
-def keys_revoke(name: str = typer.Argument(...), store: Path = typer.Option(DEMO_STORE)) -> None:
+def keys_revoke(name: str = typer.Argument(..., help="Key name."), store: Path = _store_option()) -> None:
     """Revoke an API key (it never authenticates again; its row stays for the audit trail)."""
     from ..server.keys import revoke_key
 
@@ -535,63 +617,82 @@ def keys_revoke(name: str = typer.Argument(...), store: Path = typer.Option(DEMO
 
 @app.command()
 def attribute(
-    store: Path = typer.Option(..., help="Compartment store."),
+    store: Path = _store_option(),
     sources: str = typer.Option(..., help="Comma-separated sources to compose and attribute to."),
     out: Path = typer.Option(Path("out/attribution"), help="Directory: samples.npz/png and credits.json."),
     n: int = typer.Option(16, help="Unconditional samples to generate and attribute."),
     steps: int = typer.Option(25, help="Probability-flow ODE (DDIM, eta 0) steps."),
     probes: int = typer.Option(2, help="Hutchinson probes per step (>= 2 gives a standard error)."),
     exact: bool = typer.Option(False, help="Exact divergence (one backward pass per dimension; slow)."),
-    weighting: str = typer.Option("ode", help="ode (tracked along the path) | router | classifier | isolated."),
+    weighting: AttributionWeighting = typer.Option("ode", help="ode: the posterior tracked along the path; or "
+                                                   "learned heads from the store."),
     priors: str | None = typer.Option(None, help="Comma-separated lambda_i (default: source sizes)."),
-    density: str = typer.Option("auto", help="Each source's density: class-mixture (its classes weighted by its "
+    density: Density = typer.Option("auto", help="Each source's density: class-mixture (its classes weighted by its "
                                 "own class counts) | prompt-row (its unconditional prompts) | auto (the class "
                                 "mixture where it applies)."),
-    seed: int = typer.Option(0),
-    backbone: Path = typer.Option(DEFAULT_BACKBONE),
-    threads: int | None = typer.Option(None),
+    seed: int = typer.Option(0, help="Seed of the samples' initial noise and of the probes."),
+    backbone: Path | None = _backbone_option(),
+    threads: int | None = _threads_option(),
 ) -> None:
     """Credit attribution: generate from a composition and say which sources made each sample (likelihood
     decomposition C_i along the probability-flow ODE, and the time-integrated weights W_i)."""
     import numpy as np
 
-    from ..backbone import Backbone
-    from ..demo import write_samples
     from ..io import atomic_write_json
-    from ..operations import attribute_samples
+    from ..operations import attribute_samples, store_backbone
+    from ..viz import write_samples
 
     _threads(threads)
+    weighting, density = _value(weighting), _value(density)
     names = [s for s in sources.split(",") if s]
-    lam = [float(v) for v in priors.split(",")] if priors else None
-    bb = Backbone.from_pretrained(backbone)
+    try:
+        lam = [float(v) for v in priors.split(",")] if priors else None
+    except ValueError:
+        raise CdmError(f"--priors: expected comma-separated numbers, got {priors!r}") from None
     with _open_store(store) as st:
-        r = attribute_samples(st, bb, names, n=n, seed=seed, steps=steps, probes=probes, exact=exact, priors=lam,
-                              weighting=weighting, density=density)
-    write_samples(out, "samples", r["images"], None, nrow=min(n, 10))
-    per = [{"sample": i, "credit": dict(zip(names, map(float, r["credit"][i]), strict=True)),
-            "credit_se": dict(zip(names, map(float, r["credit_se"][i]), strict=True)),
-            "weight_path": dict(zip(names, map(float, r["weight_path"][i]), strict=True)),
-            "loglik_change_nats": float(r["loglik_change"][i])} for i in range(n)]
-    summary = {"sources": names, "priors": r["priors"], "density": r["density"], "weighting": weighting, "steps": steps,
-               "probes": r["probes"], "exact": exact, "seed": seed, "command": _command(),
-               "mean_credit": dict(zip(names, map(float, r["credit"].mean(0)), strict=True)),
-               "mean_weight_path": dict(zip(names, map(float, r["weight_path"].mean(0)), strict=True)),
+        r = attribute_samples(st, store_backbone(st, backbone), names, n=n, seed=seed, steps=steps, probes=probes,
+                              exact=exact, priors=lam, weighting=weighting, density=density)
+    write_samples(out, "samples", r.images, None, nrow=min(n, 10))
+    per = [{"sample": i, "credit": dict(zip(names, map(float, r.credit[i]), strict=True)),
+            "credit_se": dict(zip(names, map(float, r.credit_se[i]), strict=True)),
+            "weight_path": dict(zip(names, map(float, r.weight_path[i]), strict=True)),
+            "loglik_change_nats": float(r.loglik_change[i])} for i in range(n)]
+    summary = {"sources": names, "priors": r.priors, "density": r.density, "weighting": weighting, "steps": steps,
+               "probes": r.probes, "exact": exact, "seed": seed, "command": _command(),
+               "mean_credit": dict(zip(names, map(float, r.credit.mean(0)), strict=True)),
+               "mean_weight_path": dict(zip(names, map(float, r.weight_path.mean(0)), strict=True)),
                "samples": per}
     atomic_write_json(out / "credits.json", summary)
-    top = np.clip(r["credit"], 0, None).argmax(1)
-    console.print(f"{n} samples ({r['density']}) -> {out / 'samples.png'}; credits -> {out / 'credits.json'}; "
+    top = np.clip(r.credit, 0, None).argmax(1)
+    console.print(f"{n} samples ({r.density}) -> {out / 'samples.png'}; credits -> {out / 'credits.json'}; "
                   "top-credit source: "
                   + ", ".join(f"{nm} {int((top == k).sum())}" for k, nm in enumerate(names))
                   + "; mean credit " + ", ".join(f"{k}={v:.2f}" for k, v in summary["mean_credit"].items())
                   + "; mean weight path " + ", ".join(f"{k}={v:.2f}" for k, v in summary["mean_weight_path"].items()))
 
 
+def _is_usage_error(e: BaseException) -> bool:
+    """click's UsageError (typer vendors its own click, so match the interface: exit code 2, a message)."""
+    return getattr(e, "exit_code", None) == 2 and callable(getattr(e, "format_message", None))
+
+
 def main() -> None:
     try:
-        app()
+        code = app(standalone_mode=False)
     except (CdmError, ValueError) as e:  # bad input: one line, no traceback
         console.print(f"[red]error:[/red] {e}")
         raise SystemExit(2) from None
+    except Exception as e:
+        if not _is_usage_error(e):
+            raise
+        # a typo in a command, an option or a choice: one line, before any work starts
+        message = e.format_message().replace("Value error, ", "")
+        if message:  # (empty after the help that a bare `cdm` prints)
+            ctx = getattr(e, "ctx", None)
+            where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+            console.print(f"[red]error:[/red] {message}{where}")
+        raise SystemExit(2) from None
+    raise SystemExit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

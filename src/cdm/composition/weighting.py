@@ -5,14 +5,14 @@ The composed denoiser is ``eps(x, t) = sum_i w_i(x, t) eps_i(x, t)`` with
 A weighting returns ``log p_t^i(x)`` up to a constant shared by all i (or any other per-source logit whose
 softmax with ``log lambda`` gives the weights); the composed denoiser adds ``log lambda`` and normalises.
 
-Registered here (``WEIGHTINGS``):
+Defined here (every weighting is registered, with what it needs, in :mod:`cdm.composition.registry`):
 
 - ``naive``: w = lambda (a plain weighted average; the paper's baseline, which makes hybrids).
 - ``single``: one source k ~ lambda per sample, then only eps_k (the paper's other baseline).
 - ``oracle``: exact ``log p_t^i`` from callables (analytic cases, tests).
 - ``ito``: training-free density tracking along the sampling path (Skreta et al. 2024), below.
 
-Learned weightings (:mod:`cdm.composition.heads`), registered here too:
+Learned weightings (:mod:`cdm.composition.learned`, their heads in :mod:`cdm.composition.heads`):
 
 - ``router``: the paper's joint router heads on the mid-block tokens of each compartment's forward.
 - ``classifier``: a separate noisy classifier ``f(x_t, t)`` over the sources (Prop. 3.2).
@@ -44,7 +44,7 @@ import torch
 
 from ..sampling import NoiseSchedule
 
-__all__ = ["WEIGHTINGS", "Weighting", "NaiveWeighting", "SingleWeighting", "OracleWeighting", "ItoWeighting"]
+__all__ = ["Weighting", "NaiveWeighting", "SingleWeighting", "OracleWeighting", "ItoWeighting"]
 
 
 class Weighting(Protocol):
@@ -144,9 +144,3 @@ class ItoWeighting:
         self.prev = (x.detach(), t.detach(), scores)
         return self.log_q
 
-
-from .heads import ClassifierWeighting, IsolatedWeighting, RouterWeighting  # noqa: E402 (learned; import this module)
-
-WEIGHTINGS: dict[str, type] = {"naive": NaiveWeighting, "single": SingleWeighting, "oracle": OracleWeighting,
-                               "ito": ItoWeighting, "router": RouterWeighting, "classifier": ClassifierWeighting,
-                               "isolated": IsolatedWeighting}

@@ -12,7 +12,7 @@ from .classifier import (
     to_input,
     train_classifier,
 )
-from .metrics import FeatureExtractor, FIDScorer, classify, fid, judge
+from .metrics import FeatureExtractor, FIDScorer, classify, fid, judge, score_samples
 
 __all__ = [
     "CLASSIFIER_KIND",
@@ -26,6 +26,7 @@ __all__ = [
     "down_up",
     "fid",
     "judge",
+    "score_samples",
     "to_input",
     "train_classifier",
 ]

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DataError, TrainingError, WeightsError
+from ..shipped import path_of
 from ..io import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -191,8 +192,9 @@ class DigitClassifier(nn.Module):
         """Load a directory written by :meth:`save_pretrained`; the result is in eval mode.
 
         A missing or foreign config, a pickle, or weights that do not match the config raise :class:`WeightsError`.
+        ``shipped:classifier`` names the shipped one.
         """
-        directory = Path(directory)
+        directory = path_of(directory)
         if directory.is_file():
             load_state_dict(directory)  # a pickle offered as weights gets io's own refusal
             raise WeightsError(f"{directory}: expected a classifier directory ({CONFIG_NAME} + {WEIGHTS_NAME}), "

@@ -6,6 +6,8 @@
   torchmetrics' ``FrechetInceptionDistance`` with :class:`FeatureExtractor` in place of Inception (nothing is
   downloaded). The numbers are in this classifier's feature units: comparable between runs scored with the same
   classifier checkpoint, not with Inception FIDs from the literature.
+* :func:`score_samples`: both at once for a sample set, against a reference source (what the CLI's ``score``,
+  the demo and the benchmarks report).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from torch import nn
 from ..errors import DataError
 from .classifier import DigitClassifier, check_images, to_input
 
-__all__ = ["FIDScorer", "FeatureExtractor", "classify", "fid", "judge"]
+__all__ = ["FIDScorer", "FeatureExtractor", "classify", "fid", "judge", "score_samples"]
 
 
 def _batches(n: int, batch_size: int):
@@ -148,3 +150,17 @@ def fid(model: DigitClassifier, samples_uint8: Any, reference_uint8: Any, batch_
     and the value is dominated by small-sample bias (it shrinks as N grows), so compare FIDs only at equal N.
     """
     return FIDScorer(model, reference_uint8, batch_size=batch_size)(samples_uint8)
+
+
+def score_samples(images: np.ndarray, labels: np.ndarray | None, classifier: DigitClassifier, reference) -> dict:
+    """Judge accuracy / confidence against requested labels and FID against a reference source."""
+    result = {"n": int(len(images)), "reference": reference.id,
+              "fid": round(fid(classifier, images, reference.images), 3)}
+    if labels is not None:
+        j = judge(classifier, images, labels)
+        result.update(accuracy=round(j["accuracy"], 4), mean_max_prob=round(j["mean_max_prob"], 4))
+        if reference.labels is not None:
+            real = judge(classifier, reference.images, reference.labels)
+            result.update(real_mean_max_prob=round(real["mean_max_prob"], 4),
+                          confidence_ratio=round(j["mean_max_prob"] / real["mean_max_prob"], 4))
+    return result

@@ -257,7 +257,7 @@ def _train(backbone: Backbone, source: Source, cfg: CompartmentConfig, dp: DPCon
     # (unaccounted); a DP compartment is its last step.
     record = training_record(backbone, source, cfg, step=step, wall=wall, losses=losses, dp=dp_entry,
                              validation=None)
-    return (comp if record["finished"] else None), record
+    return (comp if record.finished else None), record
 
 
 def _opacus_version() -> str:
@@ -269,7 +269,7 @@ def _opacus_version() -> str:
 def train_compartment_dp(backbone: Backbone, source: Source, cfg: CompartmentConfig, dp: DPConfig | None = None, *,
                          epsilon: float | None = None, **kwargs) -> tuple[Compartment | None, dict]:
     """Train a compartment with DP-SGD; returns ``(compartment, record)`` like
-    :func:`cdm.training.compartment.train_compartment`, with ``record["dp"]`` = {epsilon (achieved, from the
+    :func:`cdm.training.compartment.train_compartment`, with ``record.dp`` = {epsilon (achieved, from the
     accountant), target_epsilon, delta, noise_multiplier, max_grad_norm, sample_rate, steps, accountant,
     augmult, ...}. ``cfg.batch_size`` is the *expected* (Poisson) batch size; ``cfg.grad_clip`` is unused (the
     per-sample clip is ``dp.max_grad_norm``). Give ``dp`` or ``epsilon=`` (other fields default).

@@ -6,7 +6,9 @@ DPMSolverMultistepScheduler): they are well tested, and the loop around them is 
 pipelines are tied to its own model classes.
 
 Both solvers use "trailing" timestep spacing (the first step starts at t = T-1, where the cosine schedule is
-pure noise) and clip the predicted x_0 to [-1, 1] with epsilon recomputed from the clipped x_0.
+pure noise). With ``clip=True`` they clip the predicted x_0 to [-1, 1] with epsilon recomputed from the clipped
+x_0. That is a property of the data, not of the solver: it is off by default, and ``cdm.generation`` turns it
+on when the data's codec says so (pixel images live in [-1, 1]; latents or 2-D points do not).
 """
 
 from __future__ import annotations
@@ -131,7 +133,7 @@ def sample(
     solver: str = "ddim",
     steps: int = 50,
     cond: dict | None = None,
-    clip: bool = True,
+    clip: bool = False,
     bf16: bool = False,
     callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
     generator: torch.Generator | None = None,
@@ -139,8 +141,10 @@ def sample(
 ) -> torch.Tensor:
     """Integrate the reverse process from ``noise`` (x_T) to x_0 with ``steps`` denoiser evaluations.
 
-    ``callback(i, t, x)`` is called after each step. ``bf16`` runs the denoiser under bfloat16 autocast (the
-    solver state stays float32). Stochastic solvers draw their per-step noise from ``generator``.
+    ``clip``: clip the predicted x_0 to [-1, 1] at every step (right for pixel images only; the codec decides,
+    see :func:`cdm.generation.generate`). ``callback(i, t, x)`` is called after each step. ``bf16`` runs the
+    denoiser under bfloat16 autocast (the solver state stays float32). Stochastic solvers draw their per-step
+    noise from ``generator``.
     """
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; known: {', '.join(SOLVERS)}")

@@ -6,20 +6,41 @@ OpenAPI docs at ``/docs`` (Swagger UI needs a CDN; ``/openapi.json`` is always t
 Authentication: ``Authorization: Bearer <key>`` or ``X-API-Key: <key>`` (keys: :mod:`cdm.server.keys`).
 Status codes: 401 missing / unknown / revoked key; 403 a source outside the key's rights, or an admin endpoint
 with a non-admin key; 404 an unknown source (or job); 409 a source whose compartment is not trained yet, or a
-name taken; 413 a body over the limit; 422 invalid parameters (limits on n, steps, classes ...); 503 the
-bounded queue is full (``Retry-After`` set). A requested source is never silently dropped.
+name taken; 410 a named source forgotten while the request waited in the queue; 413 a body over the limit;
+422 invalid parameters (limits on n, steps, classes ...; non-finite numbers such as NaN; the answer never
+echoes the input); 503 the bounded queue, or the key's share of it, is full (``Retry-After`` set). A requested
+source is never silently dropped.
+
+Forgetting and generation: a generate request's sources are resolved when its work starts (the default, no
+``sources``: every ready source the key may use at that moment), and the work holds off forgetting until its
+answer is built; ``DELETE /v1/admin/sources/{name}`` (and the removal step of a sample-level forget) waits for
+the work in progress and holds off work that has not started. So once a forget has returned, no answer is
+built from the forgotten source: queued requests compose the remaining sources, or get 410 when they named it.
+
+Abandoned requests: a generate request whose client disconnects is cancelled while queued, and stopped at its
+next sampler step while running; its places in the queue are freed at once. Every generate request by a live
+key is logged in the audit log (action ``generate``, actor and target the key's name, never its token; the
+requested and composed sources, n, steps, seed, weighting, status and seconds).
+
+Every answer carries ``Content-Security-Policy`` (the page: same-origin scripts, styles and images, plus
+``data:`` images; ``/docs`` also allows the Swagger UI CDN), ``X-Frame-Options: DENY`` and
+``X-Content-Type-Options: nosniff``.
 """
 
 
+import asyncio
 import json
 import re
 import tempfile
+import time
 from contextlib import asynccontextmanager
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
@@ -29,7 +50,7 @@ from ..backbone.pretrained import DEFAULT_BACKBONE
 from ..errors import CdmError
 from ..store import Store, StoreError
 from . import keys as keyring
-from .engine import Busy, Engine, Limits
+from .engine import Abandoned, Busy, Engine, Limits, Ticket, available_weightings
 
 __all__ = ["create_app"]
 
@@ -114,6 +135,63 @@ class _BodyLimit:
         return await self.app(scope, replay, send)
 
 
+class _SecurityHeaders:
+    """Content-Security-Policy, X-Frame-Options and X-Content-Type-Options on every answer. The page loads
+    only same-origin scripts and styles and shows ``data:`` PNGs; the Swagger UI at ``/docs`` (and ReDoc at
+    ``/redoc``) load their code from a CDN and run an inline bootstrap script, so those two pages get a policy
+    that allows exactly that (they show no user data)."""
+
+    PAGE = ("default-src 'self'; img-src 'self' data:; script-src 'self'; style-src 'self'; frame-ancestors 'none'; "
+            "base-uri 'none'; form-action 'self'")
+    DOCS = ("default-src 'self'; img-src 'self' data: https://fastapi.tiangolo.com https://cdn.jsdelivr.net; "
+            "script-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; "
+            "style-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net https://fonts.googleapis.com; "
+            "font-src 'self' https://fonts.gstatic.com; worker-src 'self' blob:; frame-ancestors 'none'; "
+            "base-uri 'none'; form-action 'self'")
+    DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc")
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        csp = (self.DOCS if scope["path"] in self.DOCS_PATHS else self.PAGE).encode()
+
+        async def send_with_headers(msg):
+            if msg["type"] == "http.response.start":
+                drop = {b"content-security-policy", b"x-frame-options", b"x-content-type-options"}
+                headers = [(k, v) for k, v in msg.get("headers", []) if k.lower() not in drop]
+                headers += [(b"content-security-policy", csp), (b"x-frame-options", b"DENY"),
+                            (b"x-content-type-options", b"nosniff")]
+                msg = {**msg, "headers": headers}
+            await send(msg)
+
+        return await self.app(scope, receive, send_with_headers)
+
+
+def _validation_errors(exc: RequestValidationError) -> list[dict]:
+    """Pydantic's errors without the input (it may be NaN or Infinity, which JSON cannot carry, and echoing
+    input back is needless): location, message and type, as short strings."""
+    out = []
+    for e in exc.errors():
+        loc = [part if isinstance(part, int) else str(part)[:64] for part in e.get("loc", ())]
+        msg = str(e.get("msg", "invalid value"))[:300]
+        if e.get("type") == "finite_number":
+            msg = "must be a finite number (no NaN or infinity)"
+        out.append({"loc": loc, "msg": msg, "type": str(e.get("type", "value_error"))[:64]})
+    return out
+
+
+def _token_of(request: Request) -> str | None:
+    """The API key a request carries (X-API-Key, else Authorization: Bearer)."""
+    token = request.headers.get("x-api-key")
+    if not token:
+        scheme, _, cred = request.headers.get("authorization", "").partition(" ")
+        token = cred.strip() if scheme.lower() == "bearer" else None
+    return token or None
+
+
 def create_app(store_path: str | Path, *, backbone: Backbone | str | Path | None = None,
                limits: Limits | None = None) -> FastAPI:
     """The service for the store at ``store_path`` (which must exist). ``backbone``: a :class:`Backbone` or
@@ -138,7 +216,8 @@ def create_app(store_path: str | Path, *, backbone: Backbone | str | Path | None
         description=("Image generation by access rights from a compartmentalized diffusion model: each key may "
                      "use a set of data sources; a generate request composes the compartments of the requested "
                      "sources (default: every source the key may use). Forgetting a source removes it for every "
-                     "later request. " + (__doc__ or "").split("\n\n", 2)[2]),
+                     "request whose work has not started, and waits for the work in progress. "
+                     + (__doc__ or "").split("\n\n", 2)[2]),
         openapi_tags=_TAGS,
         lifespan=lifespan,
     )
@@ -146,20 +225,37 @@ def create_app(store_path: str | Path, *, backbone: Backbone | str | Path | None
     app.state.limits = limits
     app.add_middleware(_BodyLimit, limit_for=lambda path: (limits.max_upload_bytes if path == "/v1/admin/sources"
                                                           else limits.max_body_bytes))
+    app.add_middleware(_SecurityHeaders)  # outermost: the body limit's 413 gets the headers too
 
     # ---------------------------------------------------------------------------------------- errors
     @app.exception_handler(Busy)
     async def _busy(request: Request, exc: Busy):
         return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "1"})
 
-    @app.exception_handler(CdmError)
-    async def _cdm_error(request: Request, exc: CdmError):
+    def _cdm_answer(exc: CdmError) -> tuple[int, str]:
         msg = str(exc).replace(str(store_path), "<store>")  # no server paths in answers
         if msg.startswith(("unknown source", "unknown compartment")):
             msg = msg.split("; known:")[0]  # never list other sources to the caller
         status = 404 if isinstance(exc, StoreError) and msg.startswith(("unknown source", "unknown compartment")) \
             else 422
+        return status, msg
+
+    @app.exception_handler(CdmError)
+    async def _cdm_error(request: Request, exc: CdmError):
+        status, msg = _cdm_answer(exc)
         return JSONResponse({"detail": msg}, status_code=status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        errors = _validation_errors(exc)
+        if request.url.path == "/v1/generate" and request.method == "POST":  # logged like any generate request
+            token = _token_of(request)
+            key = await engine.io.run(keyring.authenticate, store_path, token) if token else None
+            if key is not None:
+                said = "; ".join(".".join(str(p) for p in e["loc"][1:]) + " " + e["msg"] for e in errors)
+                details = {"status": 422, "outcome": f"invalid request: {said}"[:300]}
+                await engine.io.run(_log_generate, key.name, details)
+        return JSONResponse({"detail": errors}, status_code=422)
 
     # ---------------------------------------------------------------------------------------- auth
     bearer = HTTPBearer(auto_error=False, description="An API key made with `cdm keys create`.")
@@ -185,14 +281,29 @@ def create_app(store_path: str | Path, *, backbone: Backbone | str | Path | None
         st = engine.io.store()
         return st.sources(), {r["cid"] for r in st.compartments(kind="compartment")}
 
-    def _source_view(s: dict, ready: set[str]) -> dict:
+    def _learned(st: Store, name: str, ready: set[str]) -> bool | None:
+        """The compartment manifest's ``learned`` (False: training kept step 0, it equals the backbone); None
+        when it does not say or there is no compartment."""
+        if name not in ready:
+            return None
+        try:
+            value = st.compartment(name)["manifest"].get("learned")
+        except StoreError:  # forgotten meanwhile
+            return None
+        return value if isinstance(value, bool) else None
+
+    def _source_view(s: dict, ready: set[str], learned: bool | None = None) -> dict:
         return {"name": s["id"], "n": s["n"], "classes": s["classes"], "tags": s["tags"], "ready": s["id"] in ready,
-                "training": engine.active_job(s["id"]) is not None}
+                "training": engine.active_job(s["id"]) is not None, "learned": learned}
+
+    def _log_generate(key_name: str, details: dict) -> None:
+        engine.io.store().record("generate", key_name, details, actor=key_name)
 
     # ---------------------------------------------------------------------------------------- service
     @app.get("/healthz", tags=["service"], summary="Liveness, limits and counters (no key needed)")
     async def healthz() -> dict:
-        return {"status": "ok", "limits": limits.__dict__, "admitted": engine.admitted, **engine.stats}
+        return {"status": "ok", "limits": limits.__dict__, "admitted": engine.admitted, "running": engine.running,
+                **engine.stats}
 
     @app.get("/", tags=["service"], include_in_schema=False)
     async def page() -> FileResponse:
@@ -212,21 +323,39 @@ def create_app(store_path: str | Path, *, backbone: Backbone | str | Path | None
         tags: list[str]
         ready: bool = Field(description="its compartment is trained (it can be generated from)")
         training: bool = Field(description="a job is training its compartment now")
+        learned: bool | None = Field(description="false: its training kept step 0, the compartment equals the "
+                                                 "backbone (it learnt nothing from the source); null: not recorded")
+
+    class RequestLimits(BaseModel):
+        max_n: int
+        max_steps: int
+        per_key_queue: int = Field(description="generate requests of one key running or queued at once")
 
     class Me(BaseModel):
         name: str
         admin: bool
         sources: list[SourceInfo]
+        weightings: list[str] = Field(description="weightings that can run on this key's ready sources (router, "
+                                                  "classifier, isolated only where their heads are trained)")
+        limits: RequestLimits
 
     @app.get("/v1/sources", tags=["generate"], response_model=Me,
-             summary="The sources this key may use (an admin key: every source)")
+             summary="The sources this key may use (an admin key: every source) and the weightings they allow")
     async def my_sources(key: keyring.ApiKey = Depends(caller)) -> dict:
-        rows, ready = await engine.io.run(_source_rows)
-        return {"name": key.name, "admin": key.admin,
-                "sources": [_source_view(s, ready) for s in rows if key.may_use(s["id"])]}
+        def run():
+            st = engine.io.store()
+            rows, ready = _source_rows()
+            mine = [s for s in rows if key.may_use(s["id"])]
+            return ([_source_view(s, ready, _learned(st, s["id"], ready)) for s in mine],
+                    available_weightings(st, [s["id"] for s in mine if s["id"] in ready]))
+
+        views, weightings = await engine.io.run(run)
+        return {"name": key.name, "admin": key.admin, "sources": views, "weightings": weightings,
+                "limits": {"max_n": limits.max_n, "max_steps": limits.max_steps,
+                           "per_key_queue": limits.per_key_queue}}
 
     class GenerateRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+        model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
         sources: list[str] | None = Field(
             None, max_length=64, description="Sources to compose; default: every ready source this key may use. "
                                              "Any source outside the key's rights: 403 (never dropped); unknown: 404.")
@@ -295,27 +424,87 @@ def create_app(store_path: str | Path, *, backbone: Backbone | str | Path | None
             raise HTTPException(409, f"source(s) without a trained compartment yet: {', '.join(not_ready)}")
         return names
 
+    def _resolve(token: str, key_name: str, req: GenerateRequest, st: Store) -> list[str]:
+        """The sources to compose, decided when the work starts (in the compute worker, under the shared side
+        of the forget lock): the key's rights and the store as they are now, not as they were at admission."""
+        key = keyring.authenticate(store_path, token)
+        if key is None:
+            raise HTTPException(401, f"key '{key_name}' was revoked while the request waited",
+                                headers={"WWW-Authenticate": "Bearer"})
+        rows, ready = {s["id"] for s in st.sources()}, {r["cid"] for r in st.compartments(kind="compartment")}
+        if req.sources is None:
+            names = [s for s in sorted(rows) if key.may_use(s) and s in ready]
+            if not names:
+                raise HTTPException(403, f"key '{key.name}' may use no ready source")
+        else:
+            names = list(dict.fromkeys(req.sources))
+            gone = [s for s in names if s not in rows]
+            if gone:
+                raise HTTPException(410, f"source(s) forgotten while the request waited: {', '.join(gone)}")
+            forbidden = [s for s in names if not key.may_use(s)]
+            if forbidden:
+                raise HTTPException(403, f"key '{key.name}' may not use source(s): {', '.join(forbidden)}")
+            not_ready = [s for s in names if s not in ready]
+            if not_ready:
+                raise HTTPException(409, f"source(s) without a trained compartment now: {', '.join(not_ready)}")
+        if req.weighting == "ito" and len(names) > 1 and req.solver not in (None, "ddpm"):
+            raise HTTPException(422, "weighting ito tracks densities along a stochastic path: use solver ddpm")
+        return names
+
     @app.post("/v1/generate", tags=["generate"], response_model=GenerateResponse,
               responses={401: {"description": "missing/unknown key"}, 403: {"description": "source outside rights"},
                          404: {"description": "unknown source"}, 409: {"description": "compartment not ready"},
-                         413: {"description": "body too large"}, 503: {"description": "queue full"}},
+                         410: {"description": "a named source was forgotten while the request waited"},
+                         413: {"description": "body too large"},
+                         503: {"description": "queue full, or this key's share of it"}},
               summary="Generate images from the composition of the requested sources' compartments")
-    async def generate(req: GenerateRequest, key: keyring.ApiKey = Depends(caller)) -> dict:
-        if req.classes is not None:
-            bad = [c for c in req.classes if not 0 <= c < n_classes]
-            if bad:
-                raise HTTPException(422, f"classes {bad} are not classes of this backbone (0..{n_classes - 1})")
-            if not req.classes:
-                raise HTTPException(422, "classes is empty: leave it out (null) for unconditional images")
-        names = await engine.io.run(_check_sources, key, req.sources)
-        if req.weighting == "ito" and len(names) > 1 and req.solver not in (None, "ddpm"):
-            raise HTTPException(422, "weighting ito tracks densities along a stochastic path: use solver ddpm")
-        return await engine.generate(sources=names, classes=req.classes, n=req.n, steps=req.steps, seed=req.seed,
-                                     weighting=req.weighting, guidance=req.guidance, solver=req.solver)
+    async def generate(req: GenerateRequest, request: Request, key: keyring.ApiKey = Depends(caller)) -> dict:
+        t0 = time.perf_counter()
+        ticket = Ticket()
+        status, outcome, out = 500, "internal error", None
+        try:
+            if req.classes is not None:
+                bad = [c for c in req.classes if not 0 <= c < n_classes]
+                if bad:
+                    raise HTTPException(422, f"classes {bad} are not classes of this backbone (0..{n_classes - 1})")
+                if not req.classes:
+                    raise HTTPException(422, "classes is empty: leave it out (null) for unconditional images")
+            names = await engine.io.run(_check_sources, key, req.sources)  # fail fast; checked again at start
+            if req.weighting == "ito" and len(names) > 1 and req.solver not in (None, "ddpm"):
+                raise HTTPException(422, "weighting ito tracks densities along a stochastic path: use solver ddpm")
+            out = await engine.generate(key=key.name, resolve=partial(_resolve, _token_of(request), key.name, req),
+                                        is_gone=request.is_disconnected, ticket=ticket, classes=req.classes,
+                                        n=req.n, steps=req.steps, seed=req.seed, weighting=req.weighting,
+                                        guidance=req.guidance, solver=req.solver)
+            status, outcome = 200, "ok"
+            return out
+        except HTTPException as e:
+            status, outcome = e.status_code, str(e.detail)
+            raise
+        except Busy as e:
+            status, outcome = 503, str(e)
+            raise
+        except Abandoned as e:
+            status, outcome = 499, f"abandoned: {e}"
+            return JSONResponse({"detail": str(e)}, status_code=499)  # nobody reads it: the client is gone
+        except CdmError as e:
+            status, outcome = _cdm_answer(e)
+            raise
+        finally:
+            details = {"requested": req.sources, "sources": ticket.sources, "n": req.n, "steps": req.steps,
+                       "seed": req.seed, "weighting": req.weighting, "classes": req.classes, "status": status,
+                       "outcome": outcome[:300], "seconds": round(time.perf_counter() - t0, 4)}
+            if out is not None:
+                details["queue_seconds"] = out["queue_seconds"]
+            try:
+                await engine.io.run(_log_generate, key.name, details)
+            except asyncio.CancelledError:  # the server is stopping: log without waiting
+                engine.io.executor.submit(_log_generate, key.name, details)
+                raise
 
     # ---------------------------------------------------------------------------------------- admin: keys
     class KeyCreate(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+        model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
         name: str = Field(min_length=1, max_length=64)
         sources: list[str] = Field(default_factory=list, max_length=1024)
         admin: bool = False
@@ -350,8 +539,9 @@ def create_app(store_path: str | Path, *, backbone: Backbone | str | Path | None
             st = engine.io.store()
             comps = st.compartments()
             out = []
+            ready = {c["cid"] for c in comps if c["kind"] == "compartment"}
             for s in st.sources():
-                view = _source_view(s, {c["cid"] for c in comps if c["kind"] == "compartment"})
+                view = _source_view(s, ready, _learned(st, s["id"], ready))
                 view["compartments"] = [{"cid": c["cid"], "kind": c["kind"], "weights_sha256": c["weights_sha256"]}
                                         for c in comps if s["id"] in c["sources"]]
                 out.append(view)
@@ -412,18 +602,21 @@ def create_app(store_path: str | Path, *, backbone: Backbone | str | Path | None
         return {"job": job.to_dict(), "progress_url": f"/v1/admin/jobs/{job.id}"}
 
     @app.delete("/v1/admin/sources/{name}", tags=["admin"],
-                summary="Forget a source: its compartment, samples, joint compartments and key grants (no training)")
+                summary="Forget a source: its compartment, samples, joint compartments and key grants (no training)",
+                description="Waits for the generate work in progress (``waited_seconds``) and holds off work that "
+                            "has not started; once it returns, no answer is built from the source: queued "
+                            "requests compose the remaining sources, or get 410 when they named it.")
     async def forget_source(name: str, reason: str = Query("", max_length=1000),
                             key: keyring.ApiKey = Depends(admin)) -> dict:
         from ..operations import forget_source as forget
 
         if engine.active_job(name) is not None:
             raise HTTPException(409, f"a job is working on source '{name}'; wait for it to finish")
-        out = await engine.io.run(lambda: forget(engine.io.store(), name, reason=reason, actor=key.name))
+        out = await engine.forgetting(lambda st: forget(st, name, reason=reason, actor=key.name))
         return {**out, "seconds": round(out["seconds"], 4)}
 
     class ForgetSamples(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+        model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
         sample_ids: list[str] = Field(min_length=1, max_length=10_000,
                                       description="sample content hashes (or >= 12-character prefixes)")
         reason: str = Field("", max_length=1000)

@@ -2,19 +2,33 @@
 
 Threads:
 
-- ``io`` (2 threads): key checks, registry reads, the audit log, forgetting a source (milliseconds);
+- ``io`` (2 threads): key checks, registry reads, the audit log (milliseconds);
 - ``compute`` (``Limits.workers`` threads): sampling. At most ``workers + queue`` generate requests are
-  admitted at once; the next one gets 503 at once (never an unbounded queue);
+  admitted at once, and at most ``Limits.per_key_queue`` of them from one key; the next one gets 503 at once
+  (never an unbounded queue, and one key cannot fill it);
+- ``forget`` (1 thread): forgetting a source (it waits for generate work in progress, below);
 - ``jobs`` (1 thread): training a compartment for an uploaded source, sample-level forgetting (a retrain);
   at most ``Limits.max_jobs`` jobs wait.
+
+Abandoned requests: while a generate request waits or runs, the event loop asks every
+``Engine.poll_seconds`` whether its client is still connected. When it is gone, queued work is cancelled
+(it never starts) and running work stops at its next sampler call; either way its places are freed at once.
+
+Forgetting and generation (:class:`ForgetLock`, a reader-writer lock): a generate request holds the shared
+side from the moment its work starts until its answer is built, and resolves its sources there (the default
+set: every ready source its key may use *at that moment*; a named source forgotten since the request was
+admitted: 410). Forgetting a source through the service (and the removal step of a sample-level forget) takes
+the exclusive side: it waits for work in progress, and work that starts later sees the store without the
+source. So once a forget has returned, no answer is built from the forgotten source. (A forget by another
+process, e.g. the CLI, is seen by all work that starts after it, but does not wait for work in progress.)
 
 Each thread opens its own :class:`~cdm.store.Store` once (a Store and its SQLite connection belong to one
 thread); the store's file locks order them against each other and against other processes (the CLI). torch
 uses ``Limits.threads`` intra-op threads in every one of them.
 
-Every write is an operation of :mod:`cdm.operations` (or :meth:`Store.record` for key events), with the
-calling key's name as the audit actor. Nothing about a compartment is cached between requests: each request
-loads what the registry lists at that moment, so a forgotten source is gone for the next request.
+Every write is an operation of :mod:`cdm.operations` (or :meth:`Store.record` for key events and the log of
+generate requests), with the calling key's name as the audit actor. Nothing about a compartment is cached
+between requests: each request loads what the registry lists when its work starts.
 """
 
 from __future__ import annotations
@@ -26,11 +40,12 @@ import io
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -41,7 +56,8 @@ from ..data import Source
 from ..errors import CdmError
 from ..store import Store
 
-__all__ = ["Busy", "Engine", "Job", "Limits", "png_base64", "weight_summary"]
+__all__ = ["Abandoned", "Busy", "Engine", "ForgetLock", "Job", "Limits", "Ticket", "available_weightings",
+           "png_base64", "weight_summary"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +73,7 @@ class Limits:
     default_train_steps: int = 300
     workers: int = 1  # generate requests computed at once
     queue: int = 16  # generate requests waiting beyond those (503 when full)
+    per_key_queue: int = 4  # generate requests of one key running or waiting (503 beyond: no key fills the queue)
     max_jobs: int = 4  # training jobs running or waiting (503 when full)
     threads: int = 1  # torch intra-op threads per worker thread
 
@@ -67,17 +84,34 @@ class Limits:
                 raise ValueError(f"limit {f.name} must be a positive integer, got {v!r}")
 
 
-class _Watched:
-    """A denoiser wrapper that notes non-finite inputs or outputs (a diverging sampler), forwarding the rest
-    (``reset``, ``trajectory``, ``evals``) to the composed denoiser."""
+class Abandoned(Exception):
+    """The client of a generate request went away; its work was cancelled (queued) or stopped (running)."""
 
-    def __init__(self, inner):
+
+class Ticket:
+    """One admitted generate request, shared by the event loop and the worker thread."""
+
+    def __init__(self) -> None:
+        self.abandoned = False  # set by the event loop when the client is gone
+        self.sources: list[str] | None = None  # resolved when the work starts
+        self.started = False
+
+
+class _Watched:
+    """A denoiser wrapper that notes non-finite inputs or outputs (a diverging sampler) and stops the sampler
+    (:class:`Abandoned`) once the request's client is gone, forwarding the rest (``reset``, ``trajectory``,
+    ``evals``) to the composed denoiser."""
+
+    def __init__(self, inner, ticket: Ticket | None = None):
         self._inner = inner
+        self._ticket = ticket
         self.diverged = False
 
     def __call__(self, x, t, **cond):
         import torch
 
+        if self._ticket is not None and self._ticket.abandoned:
+            raise Abandoned("the client went away")
         out = self._inner(x, t, **cond)
         if not (torch.isfinite(x).all() and torch.isfinite(out).all()):
             self.diverged = True
@@ -88,7 +122,89 @@ class _Watched:
 
 
 class Busy(Exception):
-    """The bounded queue is full."""
+    """The bounded queue is full (or the key's share of it)."""
+
+
+class ForgetLock:
+    """A writer-preferring reader-writer lock between generate work (shared) and forgetting (exclusive).
+
+    A waiting forget blocks work that has not started yet, so a stream of requests cannot starve it; work in
+    progress is never interrupted by it (the forget waits)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[float]:
+        """Yields the seconds it waited for work in progress."""
+        t0 = time.perf_counter()
+        with self._cond:
+            self._writers_waiting += 1
+            try:
+                while self._writer or self._readers:
+                    self._cond.wait()
+            finally:
+                self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield time.perf_counter() - t0
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+class _ExclusiveRemovals:
+    """A Store seen through the forget lock: each compartment removal waits for generate work in progress (and
+    holds off work that starts meanwhile). Everything else is forwarded. Used by the sample-level forget job,
+    whose retrain (minutes) must not hold generation off, only its removal step."""
+
+    def __init__(self, store: Store, lock: ForgetLock):
+        self._store = store
+        self._lock = lock
+
+    def remove_compartment(self, cid: str, **kwargs) -> dict:
+        with self._lock.exclusive():
+            return self._store.remove_compartment(cid, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+
+def available_weightings(store: Store, names: list[str]) -> list[str]:
+    """The weightings that can run on the sources ``names`` (ready compartments) of ``store``: ito, naive and
+    single for any source; router / classifier when a stored one of that kind covers at least two of them;
+    isolated when every one of them has its isolated head."""
+    from ..operations import ISOLATED_KIND, ROUTER_CIDS, head_cid
+
+    if not names:
+        return []
+    out = ["ito", "naive", "single"]
+    for kind, cid in ROUTER_CIDS.items():
+        row = next((r for r in store.compartments(kind=kind) if r["cid"] == cid), None)
+        if row is not None and len(set(names) & set(row["sources"])) >= 2:
+            out.append(kind)
+    heads = {r["cid"] for r in store.compartments(kind=ISOLATED_KIND)}
+    if all(head_cid(n) in heads for n in names):
+        out.append("isolated")
+    return out
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -182,33 +298,107 @@ class Engine:
         self.io = _Pool("io", 2, limits.threads, self.store_path)
         self.compute = _Pool("compute", limits.workers, limits.threads, self.store_path)
         self.jobs_pool = _Pool("jobs", 1, limits.threads, self.store_path)
+        self.forget_pool = _Pool("forget", 1, limits.threads, self.store_path)
+        self.forget_lock = ForgetLock()
         self.admitted = 0  # generate requests running or queued (touched on the event loop only)
+        self.admitted_by_key: dict[str, int] = {}  # the same, per key name (event loop only)
+        self.running = 0  # generate requests computing now (worker threads, under _stats_lock)
         self.jobs: dict[str, Job] = {}
         self._jobs_lock = threading.Lock()
         self._stats_lock = threading.Lock()
-        self.stats = {"generated_requests": 0, "generated_images": 0, "rejected_busy": 0}
+        self.stats = {"generated_requests": 0, "generated_images": 0, "rejected_busy": 0, "rejected_key_share": 0,
+                      "abandoned_queued": 0, "abandoned_running": 0}
+
+    poll_seconds = 0.1  # how often a waiting generate request checks that its client is still there
 
     def shutdown(self) -> None:
-        for pool in (self.io, self.compute, self.jobs_pool):
+        for pool in (self.io, self.compute, self.jobs_pool, self.forget_pool):
             pool.shutdown()
+
+    async def forgetting(self, fn: Callable[[Store], Any]) -> dict:
+        """Run ``fn(store)`` (a forget) under the exclusive side of the forget lock, on the forget thread: it
+        starts once generate work in progress has built its answers. Its result (a dict or a dataclass) as a
+        dict, with ``waited_seconds`` added."""
+
+        def run() -> dict:
+            with self.forget_lock.exclusive() as waited:
+                out = fn(self.forget_pool.store())
+            return {**(out if isinstance(out, dict) else dataclasses.asdict(out)), "waited_seconds": round(waited, 4)}
+
+        return await self.forget_pool.run(run)
 
     # ------------------------------------------------------------------------------------------ generation
 
-    async def generate(self, **request) -> dict:
-        cap = self.limits.workers + self.limits.queue
+    async def generate(self, *, key: str, resolve: Callable[[Store], list[str]],
+                       is_gone: Callable[[], Any] | None = None, ticket: Ticket | None = None, **request) -> dict:
+        """Admit, queue and compute one generate request of key ``key``. ``resolve(store)`` runs when the work
+        starts (in the worker, under the shared forget lock) and returns the sources to compose (or raises).
+        ``is_gone()`` (async) is polled while the request waits or runs; when it says the client is gone the
+        work is cancelled or stopped and :class:`Abandoned` is raised. 503 (:class:`Busy`) at once when the
+        queue, or this key's share of it, is full."""
+        cap, share = self.limits.workers + self.limits.queue, self.limits.per_key_queue
         if self.admitted >= cap:
             self.stats["rejected_busy"] += 1
             raise Busy(f"the service is busy: {self.admitted} generate requests are running or queued (limit "
                        f"{cap}); retry later")
+        mine = self.admitted_by_key.get(key, 0)
+        if mine >= share:
+            self.stats["rejected_key_share"] += 1
+            raise Busy(f"key '{key}' has {mine} generate requests running or queued (limit {share} per key); "
+                       "retry when one has finished")
         self.admitted += 1
+        self.admitted_by_key[key] = mine + 1
+        ticket = ticket or Ticket()
         submitted = time.perf_counter()
+        fut = self.compute.executor.submit(self._generate, ticket, resolve, submitted=submitted, **request)
+        waiting = asyncio.wrap_future(fut)
         try:
-            return await self.compute.run(self._generate, submitted=submitted, **request)
+            while True:
+                done, _ = await asyncio.wait({waiting}, timeout=self.poll_seconds if is_gone else None)
+                if done:
+                    return waiting.result()
+                if is_gone is not None and await is_gone():
+                    ticket.abandoned = True
+                    if fut.cancel():
+                        self.stats["abandoned_queued"] += 1
+                    else:  # running: it stops at its next sampler call; keep its places until it has
+                        with suppress(Exception):
+                            await waiting
+                        self.stats["abandoned_running"] += 1
+                    raise Abandoned("the client went away before its answer was ready")
+        except asyncio.CancelledError:
+            ticket.abandoned = True
+            fut.cancel()
+            raise
         finally:
             self.admitted -= 1
+            left = self.admitted_by_key[key] - 1
+            if left:
+                self.admitted_by_key[key] = left
+            else:
+                del self.admitted_by_key[key]
 
-    def _generate(self, *, sources: list[str], classes: list[int] | None, n: int, steps: int, seed: int,
-                  weighting: str, guidance: float, solver: str | None, submitted: float) -> dict:
+    def _generate(self, ticket: Ticket, resolve: Callable[[Store], list[str]], *, classes: list[int] | None,
+                  n: int, steps: int, seed: int, weighting: str, guidance: float, solver: str | None,
+                  submitted: float) -> dict:
+        if ticket.abandoned:
+            raise Abandoned("the client went away while the request was queued")
+        with self.forget_lock.shared():
+            if ticket.abandoned:
+                raise Abandoned("the client went away while the request was queued")
+            ticket.started = True
+            with self._stats_lock:
+                self.running += 1
+            try:
+                return self._compute(ticket, resolve, classes=classes, n=n, steps=steps, seed=seed,
+                                     weighting=weighting, guidance=guidance, solver=solver, submitted=submitted)
+            finally:
+                with self._stats_lock:
+                    self.running -= 1
+
+    def _compute(self, ticket: Ticket, resolve: Callable[[Store], list[str]], *, classes: list[int] | None,
+                 n: int, steps: int, seed: int, weighting: str, guidance: float, solver: str | None,
+                 submitted: float) -> dict:
         from ..attribution import weight_path_credit
         from ..generation import generate
         from ..operations import compose
@@ -217,8 +407,9 @@ class Engine:
         started = time.perf_counter()
         st = self.compute.store()
         bb = self.backbone
+        sources = ticket.sources = resolve(st)
         rows = {r["cid"]: r for r in st.compartments(kind="compartment")}
-        composed = _Watched(compose(st, bb, sources, weighting=weighting, seed=seed))  # unknown -> StoreError
+        composed = _Watched(compose(st, bb, sources, weighting=weighting, seed=seed), ticket)
         solver = solver or ("ddpm" if weighting == "ito" and len(sources) > 1 else "ddim")
         labels = None if classes is None else np.resize(np.asarray(classes, dtype=np.int64), n)
         trajectories: list = []
@@ -315,12 +506,12 @@ class Engine:
                     raise RuntimeError(f"source '{name}' was forgotten while its compartment was training")
                 res = add_source(st, self.backbone, source, name=name, cfg=cfg, tags=tags, actor=actor,
                                  max_minutes=0, progress=False)
-                job.steps_done = int(res["record"]["steps_done"])
-                if res["finished"]:
-                    rec = res["record"]
-                    return {"source": name, "n": len(source), "steps": rec["steps_done"],
-                            "train_seconds": rec["wall_seconds"], "final_loss": rec["final_loss"],
-                            "weights_sha256": res["row"]["weights_sha256"]}
+                job.steps_done = int(res.record.steps_done)
+                if res.finished:
+                    rec = res.record
+                    return {"source": name, "n": len(source), "steps": rec.steps_done,
+                            "train_seconds": rec.wall_seconds, "final_loss": rec.final_loss,
+                            "learned": rec.learned, "weights_sha256": res.compartment.weights_sha256}
 
         return self.submit("add-source", name, actor, run, steps_total=cfg.steps)
 
@@ -328,8 +519,9 @@ class Engine:
         from ..operations import forget_samples
 
         def run(job: Job, st: Store) -> dict:
-            out = forget_samples(st, self.backbone, name, sample_ids, reason=reason, actor=actor, progress=False)
-            return {"source": name, "n_removed": out["n_removed"], "seconds": round(out["seconds"], 3),
-                    "before": out["before"], "after": out["after"], "dropped": out["dropped"]}
+            out = forget_samples(_ExclusiveRemovals(st, self.forget_lock), self.backbone, name, sample_ids,
+                                 reason=reason, actor=actor, progress=False)
+            return {"source": name, "n_removed": out.n_removed, "seconds": round(out.seconds, 3),
+                    "before": out.before, "after": out.after, "dropped": out.dropped}
 
         return self.submit("forget-samples", name, actor, run)

@@ -9,6 +9,8 @@ crash-safety protocol.
 from __future__ import annotations
 
 from .errors import StoreError
-from .store import KINDS, MANIFEST_NAME, PROMPTS_NAME, REGISTRY_NAME, SCHEMA_VERSION, Store
+from .store import (KINDS, MANIFEST_NAME, PROMPTS_NAME, REGISTRY_NAME, RESERVED_NAMES, SCHEMA_VERSION, Store,
+                    check_source_name)
 
-__all__ = ["KINDS", "MANIFEST_NAME", "PROMPTS_NAME", "REGISTRY_NAME", "SCHEMA_VERSION", "Store", "StoreError"]
+__all__ = ["KINDS", "MANIFEST_NAME", "PROMPTS_NAME", "REGISTRY_NAME", "RESERVED_NAMES", "SCHEMA_VERSION", "Store",
+           "StoreError", "check_source_name"]

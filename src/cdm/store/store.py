@@ -76,20 +76,23 @@ try:  # POSIX; elsewhere the store still works for a single process
 except ImportError:  # pragma: no cover
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["KINDS", "MANIFEST_NAME", "PROMPTS_NAME", "REGISTRY_NAME", "SCHEMA_VERSION", "Store"]
+__all__ = ["KINDS", "MANIFEST_NAME", "PROMPTS_NAME", "REGISTRY_NAME", "RESERVED_NAMES", "SCHEMA_VERSION", "Store",
+           "check_source_name"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 3
 APPLICATION_ID = 0x43444D53  # "CDMS": marks a SQLite file as a cdm compartment registry
 REGISTRY_NAME = "registry.sqlite"
 PROMPTS_NAME = "prompts.safetensors"
 MANIFEST_NAME = "manifest.json"
 WORK_RECORD_NAME = "cdm-work.json"
+SAMPLES_NAME = "source.npz"  # a source's own samples, under work/data.<source>/
 LOCK_NAME = ".lock"
 KINDS = ("compartment", "paragon", "router")  # the kinds cdm writes; any lower-case identifier is accepted
 
 _CID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _KIND_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 _OLD_RE = re.compile(r"\.old-([0-9a-f]{12})-(.+)")
+_KEY_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 _MAX_LISTED = 8
 
 _SCHEMA = """
@@ -99,7 +102,27 @@ CREATE TABLE sources (
     n            INTEGER NOT NULL,
     classes      TEXT NOT NULL,          -- JSON list
     added_at     TEXT NOT NULL,
-    added_by     TEXT NOT NULL
+    added_by     TEXT NOT NULL,
+    complete     INTEGER NOT NULL DEFAULT 1  -- 0 while its compartment is being trained (an unfinished add)
+);
+CREATE TABLE meta (                      -- properties of the store: backbone_hash, backbone_ref
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE api_keys (                  -- the service's keys: only a token's sha256 is kept
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    name        TEXT NOT NULL UNIQUE,
+    key_sha256  TEXT NOT NULL UNIQUE,
+    prefix      TEXT NOT NULL,
+    admin       INTEGER NOT NULL DEFAULT 0,
+    created_at  TEXT NOT NULL,
+    created_by  TEXT NOT NULL,
+    revoked_at  TEXT
+);
+CREATE TABLE api_key_sources (           -- grants; forgetting a source deletes them (ON DELETE CASCADE)
+    key_id    INTEGER NOT NULL REFERENCES api_keys(id) ON DELETE CASCADE,
+    source_id TEXT NOT NULL REFERENCES sources(id) ON DELETE CASCADE,
+    PRIMARY KEY (key_id, source_id)
 );
 CREATE TABLE access_tags (
     source_id TEXT NOT NULL REFERENCES sources(id) ON DELETE CASCADE,
@@ -126,6 +149,23 @@ CREATE TABLE audit (
     after_hash  TEXT
 );
 """
+
+# Schema migrations: MIGRATIONS[v] takes a registry from version v to v + 1 (run in one transaction on open).
+MIGRATIONS: dict[int, str] = {
+    1: "ALTER TABLE sources ADD COLUMN complete INTEGER NOT NULL DEFAULT 1;"
+       "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
+    # the service's key tables, which cdm.server.keys used to add itself (IF NOT EXISTS: stores that have them)
+    2: "CREATE TABLE IF NOT EXISTS api_keys (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL UNIQUE, "
+       "key_sha256 TEXT NOT NULL UNIQUE, prefix TEXT NOT NULL, admin INTEGER NOT NULL DEFAULT 0, "
+       "created_at TEXT NOT NULL, created_by TEXT NOT NULL, revoked_at TEXT);"
+       "CREATE TABLE IF NOT EXISTS api_key_sources (key_id INTEGER NOT NULL REFERENCES api_keys(id) ON DELETE "
+       "CASCADE, source_id TEXT NOT NULL REFERENCES sources(id) ON DELETE CASCADE, PRIMARY KEY (key_id, source_id));",
+}
+
+# Names a source may not take: they are the ids of joint compartments and of per-source heads and data.
+RESERVED_NAMES = ("paragon", "router", "noisy-classifier")
+_RESERVED_SUFFIXES = (".head",)
+_RESERVED_PREFIXES = ("data.",)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -171,6 +211,19 @@ def _check_cid(cid: Any) -> str:
         raise StoreError(f"bad compartment id {cid!r}: use 1-128 letters, digits, '.', '_' or '-', not starting "
                          "with '.', '_' or '-'")
     return cid
+
+
+def check_source_name(name: Any) -> str:
+    """A new source's name: also its compartment id and part of file names in the store, so the compartment id
+    rule (1-128 letters, digits, '.', '_' or '-', not starting with '.', '_' or '-'; no '..'), and not a
+    reserved id (the paragon, routers, per-source heads and data). Returns it or raises StoreError."""
+    if not isinstance(name, str) or not _CID_RE.fullmatch(name) or ".." in name:
+        raise StoreError(f"bad source name {name!r}: use 1-128 letters, digits, '.', '_' or '-', not starting "
+                         "with '.', '_' or '-'")
+    if name in RESERVED_NAMES or name.endswith(_RESERVED_SUFFIXES) or name.startswith(_RESERVED_PREFIXES):
+        raise StoreError(f"bad source name {name!r}: reserved for the store's own compartments "
+                         f"({', '.join(RESERVED_NAMES)}, NAME.head, data.NAME)")
+    return name
 
 
 def _check_source_id(source_id: Any) -> str:
@@ -243,7 +296,8 @@ class Store:
         path = Path(path)
         registry = path / REGISTRY_NAME
         if not path.is_dir():
-            raise StoreError(f"{path}: no such store directory (create one with Store.create)")
+            raise StoreError(f"{path}: no such store directory (create one with `cdm add SPEC --store {path} "
+                             "--name NAME`)")
         if not registry.is_file():
             raise StoreError(f"{path} is not a compartment store (it has no {REGISTRY_NAME})")
         conn = sqlite3.connect(str(registry), isolation_level=None, timeout=60.0)
@@ -259,7 +313,7 @@ class Store:
         if version > SCHEMA_VERSION:
             conn.close()
             raise StoreError(f"{path} was written by a newer cdm (registry schema {version}; this cdm reads up to "
-                             f"{SCHEMA_VERSION})")
+                             f"{SCHEMA_VERSION}): upgrade cdm")
         conn.row_factory = sqlite3.Row
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
@@ -275,6 +329,7 @@ class Store:
         self._lock_depth = 0
         self._lock_exclusive = False
         try:
+            self._migrate()
             #: what :meth:`recover` did when this store was opened (empty when it was consistent)
             self.recovered: list[str] = self.recover()
         except BaseException:
@@ -289,11 +344,23 @@ class Store:
         return cls(path)
 
     @classmethod
-    def create(cls, path: str | os.PathLike) -> Store:
-        """Create a store in a new or empty directory (an existing store is simply opened)."""
+    def create(cls, path: str | os.PathLike, *, backbone_hash: str | None = None,
+               backbone_ref: str | None = None) -> Store:
+        """Create a store in a new or empty directory (an existing store is simply opened). ``backbone_hash``
+        (and ``backbone_ref``, where to find it) make the backbone a property of the store from the start
+        (:meth:`set_backbone`); an existing store with another backbone is refused."""
         path = Path(path)
+        if backbone_hash is not None:
+            _check_hash("backbone_hash", backbone_hash)
         if (path / REGISTRY_NAME).exists():
-            return cls(path)
+            st = cls(path)
+            if backbone_hash is not None:
+                try:
+                    st.set_backbone(backbone_hash, backbone_ref)
+                except BaseException:
+                    st.close()
+                    raise
+            return st
         if path.exists() and not path.is_dir():
             raise StoreError(f"{path} is a file, not a directory")
         if path.is_dir() and not _is_blank(path):
@@ -320,7 +387,10 @@ class Store:
             os.fsync(f.fileno())
         os.replace(tmp, path / REGISTRY_NAME)
         _fsync_dir(path)
-        return cls(path)
+        st = cls(path)
+        if backbone_hash is not None:
+            st.set_backbone(backbone_hash, backbone_ref)
+        return st
 
     def close(self) -> None:
         """Close the registry connection (idempotent)."""
@@ -381,6 +451,57 @@ class Store:
             db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        """Bring an older registry schema up to :data:`SCHEMA_VERSION` (one transaction per step)."""
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version >= SCHEMA_VERSION:
+            return
+        with self._locked(True):
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            while version < SCHEMA_VERSION:
+                self._db.executescript("BEGIN IMMEDIATE;" + MIGRATIONS[version]
+                                       + f"PRAGMA user_version={version + 1};COMMIT;")
+                version += 1
+            # A store from before backbones were recorded: its compartments name theirs.
+            hashes = {r["backbone_hash"] for r in self._rows().values()}
+            if len(hashes) == 1 and self._meta("backbone_hash") is None:
+                with self._tx() as db:
+                    db.execute("INSERT INTO meta (key, value) VALUES ('backbone_hash', ?)", (hashes.pop(),))
+
+    def _meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    @property
+    def backbone(self) -> dict | None:
+        """The store's backbone: ``{"hash", "ref"}`` (``ref``: where to load it from, or None when unknown), or
+        None before the first compartment of a store created without one."""
+        h = self._meta("backbone_hash")
+        return None if h is None else {"hash": h, "ref": self._meta("backbone_ref")}
+
+    def set_backbone(self, backbone_hash: str, ref: str | None = None, *, actor: str | None = None) -> dict:
+        """Record the store's backbone (once). The same hash again only updates an unknown ``ref``; another
+        hash is refused: every compartment of a store shares one backbone."""
+        _check_hash("backbone_hash", backbone_hash)
+        if ref is not None and (not isinstance(ref, str) or not ref or not ref.isprintable()):
+            raise StoreError("backbone ref must be a non-empty printable string")
+        actor = _actor(actor)
+        with self._locked(True):
+            have = self.backbone
+            if have is not None and have["hash"] != backbone_hash:
+                raise StoreError(f"backbone {_short(backbone_hash)} is not this store's: {self.path} was created "
+                                 f"with backbone {_short(have['hash'])}" + (f" ({have['ref']})" if have["ref"] else ""))
+            if have is not None and (ref is None or have["ref"] is not None):
+                return have
+            with self._tx() as db:
+                db.execute("INSERT INTO meta (key, value) VALUES ('backbone_hash', ?) ON CONFLICT(key) DO NOTHING",
+                           (backbone_hash,))
+                if ref is not None:
+                    db.execute("INSERT INTO meta (key, value) VALUES ('backbone_ref', ?) "
+                               "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (ref,))
+                self._audit(db, actor, "set-backbone", None, {"backbone_hash": backbone_hash, "ref": ref})
+        return self.backbone
 
     def _audit(self, db: sqlite3.Connection, actor: str, action: str, target: str | None, details: dict,
                before: str | None = None, after: str | None = None) -> int:
@@ -448,9 +569,10 @@ class Store:
     # ------------------------------------------------------------------------------------------- sources
 
     def add_source(self, source_id: str, *, content_hash: str, n: int, classes: Iterable[Any],
-                   tags: Iterable[str] = (), actor: str | None = None) -> dict:
+                   tags: Iterable[str] = (), actor: str | None = None, pending: bool = False) -> dict:
         """Register a data source. Registering the same id again with the same content is a no-op; with other
-        content it is refused (forget the old one first)."""
+        content it is refused (forget the old one first). ``pending``: its compartment is still to be trained;
+        the source is listed (and :meth:`verify` reports it) as incomplete until a ``compartment`` of it is put."""
         _check_source_id(source_id)
         _check_hash("content_hash", content_hash)
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
@@ -470,8 +592,9 @@ class Store:
                 raise StoreError(f"source '{source_id}' is already registered with other content; forget it "
                                  "first to replace it")
             with self._tx() as db:
-                db.execute("INSERT INTO sources (id, content_hash, n, classes, added_at, added_by) "
-                           "VALUES (?, ?, ?, ?, ?, ?)", (source_id, content_hash, n, classes_json, _now(), actor))
+                db.execute("INSERT INTO sources (id, content_hash, n, classes, added_at, added_by, complete) "
+                           "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                           (source_id, content_hash, n, classes_json, _now(), actor, int(not pending)))
                 db.executemany("INSERT INTO access_tags (source_id, tag) VALUES (?, ?)",
                                [(source_id, t) for t in tags])
                 # No content hash, size or classes in the audit log: it outlives the source.
@@ -498,7 +621,8 @@ class Store:
         return self.source(source_id)
 
     def sources(self) -> list[dict]:
-        """Every registered source: ``id, content_hash, n, classes, tags, added_at, added_by``."""
+        """Every registered source: ``id, content_hash, n, classes, tags, added_at, added_by, complete``
+        (``complete`` is False while the compartment of an unfinished add is missing)."""
         return [self._source_dict(r) for r in self._db.execute("SELECT * FROM sources ORDER BY id")]
 
     def source(self, source_id: str) -> dict:
@@ -507,6 +631,7 @@ class Store:
     def _source_dict(self, row: sqlite3.Row) -> dict:
         d = dict(row)
         d["classes"] = json.loads(d["classes"])
+        d["complete"] = bool(d["complete"])
         d["tags"] = self.tags(d["id"])
         return d
 
@@ -565,6 +690,11 @@ class Store:
             unknown = [s for s in sources if s not in known]
             if unknown:
                 raise StoreError(f"unknown source '{unknown[0]}'; known: {_listing(known)}")
+            have = self.backbone
+            if have is not None and have["hash"] != backbone_hash:
+                raise StoreError(f"compartment '{cid}' is for backbone {_short(backbone_hash)}, but {self.path} was "
+                                 f"created with backbone {_short(have['hash'])}: every compartment of a store "
+                                 "shares its backbone")
             old_row = self._row(cid)
 
             # 1. everything into a fresh tmp directory, durably
@@ -603,6 +733,11 @@ class Store:
                                "backbone_hash=excluded.backbone_hash, weights_sha256=excluded.weights_sha256, "
                                "manifest_sha256=excluded.manifest_sha256, created_at=excluded.created_at",
                                (cid, kind, _dumps(sources), backbone_hash, weights_sha, manifest_sha, created_at))
+                    if have is None:
+                        db.execute("INSERT INTO meta (key, value) VALUES ('backbone_hash', ?) "
+                                   "ON CONFLICT(key) DO NOTHING", (backbone_hash,))
+                    if kind == "compartment" and sources == [cid]:
+                        db.execute("UPDATE sources SET complete = 1 WHERE id = ?", (cid,))
                     self._audit(db, actor, "put", cid,
                                 {"kind": kind, "sources": sources, "backbone_hash": backbone_hash,
                                  "replaced": old_row is not None},
@@ -754,6 +889,17 @@ class Store:
             path.mkdir(parents=True, exist_ok=True)
         return path
 
+    def samples_file(self, source_id: str, *, create: bool = False) -> Path:
+        """Where a source's own samples are kept (``work/data.<source>/source.npz``), registered as training state
+        of that source so forgetting it deletes them. ``create``: make the folder (the source must exist); the
+        caller writes the file atomically. Nothing outside the store spells this layout."""
+        _check_source_id(source_id)
+        folder = f"{_RESERVED_PREFIXES[0]}{source_id}"
+        if create:
+            return self.work_dir(folder, sources=[source_id]) / SAMPLES_NAME
+        self._require_source(source_id)
+        return self._wdir / folder / SAMPLES_NAME
+
     def clear_work(self, cid: str) -> bool:
         """Delete the training state of ``cid``; True if there was any."""
         _check_cid(cid)
@@ -780,6 +926,67 @@ class Store:
                 if srcs is not None and source_id in srcs:
                     out.append(entry.name)
         return out
+
+    # ------------------------------------------------------------------------------------------- API keys
+
+    def _key_dict(self, row: sqlite3.Row) -> dict:
+        d = dict(row)
+        d["admin"] = bool(d["admin"])
+        d["sources"] = [r[0] for r in self._db.execute(
+            "SELECT source_id FROM api_key_sources WHERE key_id = ? ORDER BY source_id", (d["id"],))]
+        return d
+
+    def add_key(self, name: str, *, key_sha256: str, prefix: str, admin: bool = False, sources: Iterable[str] = (),
+                actor: str | None = None) -> dict:
+        """Register an API key (its token's sha256 and a short public prefix, never the token) with its grants;
+        the key and its ``key-create`` audit record are one transaction."""
+        if not isinstance(name, str) or not _KEY_NAME_RE.fullmatch(name):
+            raise StoreError(f"bad key name {name!r}: use 1-64 letters, digits, '.', '_', '@' or '-'")
+        _check_hash("key_sha256", key_sha256)
+        if isinstance(sources, str):
+            raise StoreError("sources must be a list of source ids, not one string")
+        sources = list(dict.fromkeys(_check_source_id(s) for s in sources))
+        actor = _actor(actor)
+        with self._locked(True):
+            known = set(self._source_ids())
+            unknown = [s for s in sources if s not in known]
+            if unknown:
+                raise StoreError(f"unknown source '{unknown[0]}'; known: {_listing(known)}")
+            if self._db.execute("SELECT 1 FROM api_keys WHERE name = ?", (name,)).fetchone():
+                raise StoreError(f"a key named '{name}' exists already (revoked keys keep their name)")
+            with self._tx() as db:
+                cur = db.execute("INSERT INTO api_keys (name, key_sha256, prefix, admin, created_at, created_by) "
+                                 "VALUES (?, ?, ?, ?, ?, ?)", (name, key_sha256, prefix, int(admin), _now(), actor))
+                db.executemany("INSERT INTO api_key_sources (key_id, source_id) VALUES (?, ?)",
+                               [(cur.lastrowid, s) for s in sources])
+                self._audit(db, actor, "key-create", name, {"admin": bool(admin), "sources": sources,
+                                                            "prefix": prefix})
+            return self._key_dict(self._db.execute("SELECT * FROM api_keys WHERE name = ?", (name,)).fetchone())
+
+    def keys(self) -> list[dict]:
+        """Every API key (revoked ones too): ``id, name, key_sha256, prefix, admin, sources, created_at,
+        created_by, revoked_at``."""
+        return [self._key_dict(r) for r in self._db.execute("SELECT * FROM api_keys ORDER BY name")]
+
+    def live_key(self, key_sha256: str) -> dict | None:
+        """The key whose token hashes to ``key_sha256``, unless revoked; grants as they are now."""
+        row = self._db.execute("SELECT * FROM api_keys WHERE key_sha256 = ? AND revoked_at IS NULL",
+                               (key_sha256,)).fetchone()
+        return None if row is None else self._key_dict(row)
+
+    def revoke_key(self, name: str, *, actor: str | None = None) -> dict:
+        """Revoke a key (its row stays for the audit trail); the change and its ``key-revoke`` record are one
+        transaction. Revoking a revoked key changes nothing."""
+        actor = _actor(actor)
+        with self._locked(True):
+            row = self._db.execute("SELECT * FROM api_keys WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise StoreError(f"no key named '{name}'")
+            if row["revoked_at"] is None:
+                with self._tx() as db:
+                    db.execute("UPDATE api_keys SET revoked_at = ? WHERE id = ?", (_now(), row["id"]))
+                    self._audit(db, actor, "key-revoke", name, {"prefix": row["prefix"]})
+            return self._key_dict(self._db.execute("SELECT * FROM api_keys WHERE id = ?", (row["id"],)).fetchone())
 
     # ------------------------------------------------------------------------------------------- audit, checks
 
@@ -810,6 +1017,14 @@ class Store:
                 problems.append(f"registry: foreign key violation in table {r[0]}")
             rows = self._rows()
             known = set(self._source_ids())
+            for (sid,) in db.execute("SELECT id FROM sources WHERE complete = 0 ORDER BY id"):
+                problems.append(f"source '{sid}' is incomplete (an add stopped before its compartment was stored): "
+                                f"rerun the same `cdm add` to resume, or `cdm forget {sid} --store {self.path}`")
+            hashes = {r["backbone_hash"] for r in rows.values()}
+            have = self._meta("backbone_hash")
+            if have is not None and hashes - {have}:
+                problems.append(f"compartments of another backbone than the store's ({_short(have)}): "
+                                + ", ".join(sorted(c for c, r in rows.items() if r["backbone_hash"] != have)))
             for cid, row in rows.items():
                 folder = self._cdir / cid
                 problem = self._files_problem(row, folder)

@@ -20,12 +20,13 @@ from ..backbone import Backbone
 from ..compartments import Compartment, CompartmentConfig
 from ..data import Source
 from ..errors import DataError, TrainingError
+from ..provenance import git_commit, machine_info
 from .checkpoint import load_checkpoint, save_checkpoint
+from .record import TrainingRecord
 from .common import deterministic_algorithms, lr_at, progress_bar, step_generator
 from .loss import draw_noise, eps_loss, held_out_loss
-from .pretrain import git_commit, machine_info
 
-__all__ = ["canonical_order", "train_compartment", "check_source_fits", "training_record"]
+__all__ = ["TrainingRecord", "canonical_order", "train_compartment", "check_source_fits", "training_record"]
 
 _TAG = "cdm-compartment"
 
@@ -70,7 +71,7 @@ def _train_compartment(
     max_minutes: float | None = None,
     progress: bool = True,
     on_batch: Callable[[np.ndarray], None] | None = None,
-) -> tuple[Compartment | None, dict]:
+) -> tuple[Compartment | None, TrainingRecord]:
     """Train a compartment; returns ``(compartment, record)``, or ``(None, record)`` if ``max_minutes`` paused it.
 
     ``work_dir`` (optional) holds the resumable checkpoint; a finished run leaves it for the caller to clear.
@@ -161,31 +162,32 @@ def _train_compartment(
     record = training_record(backbone, source, cfg, step=step, wall=wall, losses=losses, dp=None, validation=None
                              if val is None else {"n": int(val[0].shape[0]), "best_step": best_step,
                                                   "best_loss": best_loss, "start_loss": curve[0][1], "curve": curve})
-    return (comp if record["finished"] else None), record
+    return (comp if record.finished else None), record
 
 
 def training_record(backbone: Backbone, source: Source, cfg: CompartmentConfig, *, step: int, wall: float,
-                    losses: list[float], dp: dict | None, validation: dict | None) -> dict:
-    """The manifest record of a compartment training run (plain or DP): what it saw, how, where, when."""
-    return {
-        "source": {"id": source.id, "content_hash": source.content_hash, "n": len(source),
-                   "sample_hashes": sorted(source.sample_hashes)},
-        "backbone_hash": backbone.hash,
-        "config": cfg.to_dict(),
-        "seed": cfg.seed,
-        "steps_done": step,
-        "finished": step >= cfg.steps,
-        "wall_seconds": round(wall, 2),
-        "final_loss": float(np.mean(losses[-100:])) if losses else None,
-        "commit": git_commit(),
-        "machine": machine_info(),
-        "dp": dp,
-        "validation": validation,
-    }
+                    losses: list[float], dp: dict | None, validation: dict | None) -> TrainingRecord:
+    """The record of a compartment training run (plain or DP): what it saw, how, where, when."""
+    return TrainingRecord(
+        source={"id": source.id, "content_hash": source.content_hash, "n": len(source),
+                "sample_hashes": sorted(source.sample_hashes)},
+        backbone_hash=backbone.hash,
+        config=cfg.to_dict(),
+        seed=cfg.seed,
+        steps_done=step,
+        finished=step >= cfg.steps,
+        wall_seconds=round(wall, 2),
+        final_loss=float(np.mean(losses[-100:])) if losses else None,
+        commit=git_commit(),
+        machine=machine_info(),
+        dp=dp,
+        validation=validation,
+        learned=bool(step > 0 and not (validation is not None and validation.get("best_step") == 0)),
+    )
 
 
 def train_compartment(backbone: Backbone, source: Source, cfg: CompartmentConfig,
-                      **kwargs) -> tuple[Compartment | None, dict]:
+                      **kwargs) -> tuple[Compartment | None, TrainingRecord]:
     """Train a compartment; returns ``(compartment, record)``, or ``(None, record)`` if ``max_minutes`` paused it.
 
     Keywords: ``work_dir`` (resumable checkpoint; a finished run leaves it for the caller to clear),

@@ -13,9 +13,6 @@ same thread count).
 from __future__ import annotations
 
 import copy
-import os
-import platform
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -30,12 +27,13 @@ from ..data.glyphs import glyphs
 from ..data.mnist import public_protected
 from ..data.source import Source, concat_sources
 from ..errors import TrainingError
+from ..provenance import git_commit, machine_info
 from ..sampling import NoiseSchedule
 from .checkpoint import load_checkpoint, save_checkpoint
 from .common import deterministic_algorithms, lr_at, progress_bar, step_generator
 from .loss import draw_noise, eps_loss
 
-__all__ = ["PretrainConfig", "git_commit", "machine_info", "pretrain", "public_training_set"]
+__all__ = ["PretrainConfig", "pretrain", "public_training_set"]
 
 
 @dataclass(frozen=True)
@@ -86,28 +84,6 @@ def public_training_set(cfg: PretrainConfig) -> Source:
         return public
     g = glyphs(cfg.glyphs, seed=cfg.seed, charset="digits")
     return concat_sources([public, g], id=f"{public.id}+{g.id}") if cfg.public_digits else g
-
-
-def git_commit() -> str:
-    """HEAD (``-dirty`` with uncommitted changes to tracked files). ``$CDM_COMMIT``, when set, is taken instead:
-    for a copy of the tree whose git metadata is absent or stale (e.g. a working tree sent to a GPU machine
-    with the checkout's original ``.git``)."""
-    if os.environ.get("CDM_COMMIT"):
-        return os.environ["CDM_COMMIT"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, timeout=5, cwd=Path(__file__).resolve().parent).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def machine_info() -> dict:
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": sys.version.split()[0],
-            "torch": torch.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def _pretrain(cfg: PretrainConfig, out: str | Path, *, max_minutes: float | None = None, progress: bool = True,

@@ -1,9 +1,15 @@
 // The cdm service page: plain JS, no build step, no CDN. Talks to /v1/sources and /v1/generate.
+// The key is typed (or pasted) into the page and kept in this tab's sessionStorage only; it is never read from
+// the URL (a URL ends up in history, logs and Referer headers).
 "use strict";
 const COLORS = ["#2f6fdf", "#e0603a", "#2aa876", "#9b59b6", "#d4a017", "#16a2b8", "#c2185b", "#6d4c41"];
+const WEIGHTING_LABELS = { ito: "ito (training-free)", naive: "naive", single: "single", router: "router",
+                           isolated: "isolated", classifier: "classifier" };
 const $ = (id) => document.getElementById(id);
 let key = sessionStorage.getItem("cdm-key") || "";
 let colorOf = {};
+let limits = { max_n: 16, max_steps: 100 };
+let epoch = 0;  // bumped on every connect: answers to an earlier key's requests are dropped
 
 function setStatus(text, isError) {
   $("status").textContent = text;
@@ -25,31 +31,66 @@ async function api(path, options = {}) {
   return body;
 }
 
+function clearResults() {
+  $("results").replaceChildren();
+  $("summary").replaceChildren();
+  $("summary").hidden = true;
+}
+
+function disconnect() {
+  $("whoami").textContent = "";
+  $("sources").replaceChildren();
+  $("controls").hidden = true;
+  colorOf = {};
+}
+
 async function connect() {
+  epoch += 1;
+  const mine = epoch;
+  clearResults();  // never show one key's images under another key
+  disconnect();
   key = $("key").value.trim();
-  if (!key) { setStatus("Paste an API key first.", true); return; }
+  if (!key) { sessionStorage.removeItem("cdm-key"); setStatus("Paste an API key first.", true); return; }
+  setStatus("Connecting…");
   try {
     const me = await api("/v1/sources");
+    if (mine !== epoch) return;
     sessionStorage.setItem("cdm-key", key);
     $("whoami").textContent = "key '" + me.name + "'" + (me.admin ? " (admin)" : "") + ": " + me.sources.length + " source(s)";
     const box = $("sources");
-    box.replaceChildren();
-    colorOf = {};
     me.sources.forEach((s, i) => {
       colorOf[s.name] = COLORS[i % COLORS.length];
       const label = document.createElement("label");
       const cb = document.createElement("input");
       cb.type = "checkbox"; cb.value = s.name; cb.checked = s.ready; cb.disabled = !s.ready;
-      label.append(cb, " ", s.name + " (" + s.n + " samples" + (s.ready ? "" : ", training…") + ")");
+      let text = s.name + " (" + s.n + " samples" + (s.ready ? "" : ", training…") + ")";
+      if (s.learned === false) text += " (learnt nothing: equals the backbone)";
+      label.append(cb, " ", text);
       label.style.borderLeft = "4px solid " + colorOf[s.name];
       label.style.paddingLeft = "4px";
       box.append(label);
     });
     if (!me.sources.length) box.textContent = "This key may use no source.";
+    const sel = $("weighting");
+    const previous = sel.value;
+    sel.replaceChildren();
+    for (const w of me.weightings || []) {
+      const o = document.createElement("option");
+      o.value = w; o.textContent = WEIGHTING_LABELS[w] || w;
+      sel.append(o);
+    }
+    if ((me.weightings || []).includes(previous)) sel.value = previous;
+    if (me.limits) {
+      limits = me.limits;
+      $("n").max = String(limits.max_n);
+      $("steps").max = String(limits.max_steps);
+    }
     $("controls").hidden = false;
     setStatus("Connected.");
   } catch (e) {
-    $("controls").hidden = true;
+    if (mine !== epoch) return;
+    sessionStorage.removeItem("cdm-key");
+    disconnect();
     setStatus(e.message, true);
   }
 }
@@ -68,22 +109,39 @@ function weightRow(name, value) {
   return row;
 }
 
+// A whole number in [lo, hi] from a number input, or an error message naming the field.
+function wholeNumber(id, label, lo, hi) {
+  const raw = $(id).value.trim();
+  const v = Number(raw);
+  if (raw === "" || !Number.isInteger(v) || v < lo || v > hi) {
+    return { error: label + " must be a whole number from " + lo + " to " + hi + (raw === "" ? "." : " (got '" + raw + "').") };
+  }
+  return { value: v };
+}
+
 async function generate(ev) {
   ev.preventDefault();
   const sources = [...document.querySelectorAll("#sources input:checked")].map((c) => c.value);
   if (!sources.length) { setStatus("Pick at least one source.", true); return; }
+  const fields = { n: wholeNumber("n", "Images", 1, limits.max_n), steps: wholeNumber("steps", "Steps", 1, limits.max_steps),
+                   seed: wholeNumber("seed", "Seed", 0, 2147483647) };
+  for (const [id, f] of Object.entries(fields)) {
+    if (f.error) { setStatus(f.error, true); $(id).focus(); return; }
+  }
   const cls = $("class").value;
-  const n = parseInt($("n").value, 10);
+  const n = fields.n.value;
   const body = {
-    sources, n, steps: parseInt($("steps").value, 10), seed: parseInt($("seed").value, 10),
+    sources, n, steps: fields.steps.value, seed: fields.seed.value,
     weighting: $("weighting").value,
     classes: cls === "uncond" ? null : cls === "all" ? [0, 1, 2, 3, 4, 5, 6, 7, 8, 9] : [parseInt(cls, 10)],
   };
+  const mine = epoch;
   $("generate").disabled = true;
   setStatus("Generating " + n + " image(s) from " + sources.join(" + ") + "…");
   const t0 = performance.now();
   try {
     const out = await api("/v1/generate", { method: "POST", body: JSON.stringify(body) });
+    if (mine !== epoch) return;  // the key changed meanwhile: not this key's images
     const results = $("results");
     results.replaceChildren();
     for (const img of out.images) {
@@ -110,7 +168,7 @@ async function generate(ev) {
     summary.hidden = false;
     setStatus(out.n + " image(s) in " + ((performance.now() - t0) / 1000).toFixed(2) + " s (server " + out.seconds.toFixed(2) + " s).");
   } catch (e) {
-    setStatus(e.message, true);
+    if (mine === epoch) setStatus(e.message, true);
   } finally {
     $("generate").disabled = false;
   }
@@ -121,8 +179,6 @@ function init() {
   for (let c = 0; c < 10; c++) {
     const o = document.createElement("option"); o.value = String(c); o.textContent = "digit " + c; sel.append(o);
   }
-  const fromHash = new URLSearchParams(location.hash.slice(1)).get("key");
-  if (fromHash) { key = fromHash; history.replaceState(null, "", location.pathname); }
   $("key").value = key;
   $("connect").addEventListener("click", connect);
   $("key").addEventListener("keydown", (e) => { if (e.key === "Enter") connect(); });

@@ -1,0 +1,96 @@
+"""``run_bench``: run (or resume) the benchmark's parts, cache each, merge them into results, plots and report."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from ..backbone import Backbone
+from ..evaluation import DigitClassifier
+from ..io import atomic_write_bytes, atomic_write_json
+from ..provenance import git_commit, machine_info
+from . import parts as part_fns
+from .bench import Bench
+from .parts import PARTS
+from .plots import plot_table1
+from .profiles import PROFILES, BenchProfile, selection
+from .report import report, where_ran
+
+__all__ = ["run_bench"]
+
+
+def run_bench(profile: str | BenchProfile, out: str | Path, *, backbone: str | Path, classifier: str | Path,
+              parts: tuple[str, ...] = PARTS, progress: bool = False, meta: dict | None = None,
+              device: str = "cpu") -> dict:
+    """Run (or resume) the benchmark; returns the merged results, also written to ``out/results.json`` and
+    ``out/report.md``. ``device`` runs the backbone's transformer there (``"cuda"``); all else stays on the
+    CPU (see ``UViT.forward``)."""
+    name = profile if isinstance(profile, str) else "custom"
+    if isinstance(profile, str):
+        if profile not in PROFILES:
+            raise ValueError(f"unknown profile {profile!r}; known: {', '.join(PROFILES)}")
+        profile = PROFILES[profile]
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        raise ValueError(f"unknown parts {unknown}; known: {', '.join(PARTS)}")
+    if profile.n % 10 or profile.continual_n % 10:
+        raise ValueError("n and continual_n must be multiples of 10 (class-balanced samples)")
+    out = Path(out)
+    (out / "parts").mkdir(parents=True, exist_ok=True)
+    prof_file = out / "profile.json"
+    current = _jsonable(asdict(profile))
+    if prof_file.exists():  # fields added to the profile since that run are fine; changed ones are not
+        old = json.loads(prof_file.read_text())
+        if any(old[k] != current.get(k) for k in old):
+            raise ValueError(f"{out} holds a run with another profile; use another --out or delete it")
+    atomic_write_json(prof_file, _jsonable(asdict(profile)))
+    bench = Bench(profile, out, Backbone.from_pretrained(backbone).to(device),
+                  DigitClassifier.from_pretrained(classifier), progress)
+    done = {p: json.loads((out / "parts" / f"{p}.json").read_text()) for p in PARTS
+            if (out / "parts" / f"{p}.json").exists()}
+
+    def need(part: str) -> dict:
+        if part not in done:
+            t0 = time.perf_counter()
+            res = {
+                "paragon": lambda: part_fns.paragon(bench),
+                "table1": lambda: part_fns.table1(bench, need("paragon")["paragon"]),
+                "two_domain": lambda: part_fns.two_domain(bench),
+                "cost": lambda: part_fns.cost(bench, need("table1")["table1_detail"]),
+                "continual": lambda: part_fns.continual(bench),
+                "forget": lambda: part_fns.forget(bench, need("paragon")["paragon"]["train_seconds"]),
+                "memorization": lambda: (need("table1"), part_fns.memorization(bench))[1],
+                "dp": lambda: part_fns.dp(bench),
+                "attribution": lambda: part_fns.attribution(bench),
+            }[part]()
+            res["_part"] = {"wall_seconds": round(time.perf_counter() - t0, 1), "commit": git_commit(),
+                            "machine": machine_info(), "device": device, "command": (meta or {}).get("command"),
+                            "date": time.strftime("%Y-%m-%d %H:%M")}
+            atomic_write_json(out / "parts" / f"{part}.json", res)
+            done[part] = res
+        return done[part]
+
+    for part in parts:
+        need(part)
+    results: dict = {}
+    for part in PARTS:
+        if part in done:
+            results.update({k: v for k, v in done[part].items() if k != "_part"})
+    walls = {p: done[p]["_part"]["wall_seconds"] for p in done}
+    results["meta"] = {"commit": git_commit(), "machine": machine_info(), "profile": name,
+                       "profile_config": _jsonable(asdict(profile)), "wall_seconds": round(sum(walls.values()), 1),
+                       "part_seconds": walls, "part_commits": {p: done[p]["_part"]["commit"] for p in done},
+                       "part_machines": {p: where_ran(done[p]["_part"]) for p in done}, "device": device,
+                       **(meta or {})}
+    if "table1" in results:
+        plot_table1(results["table1"], out / "table1.png")
+        results["table1_selection"] = selection(out, profile)
+    atomic_write_json(out / "results.json", results)
+    atomic_write_bytes(out / "report.md", report(results).encode())
+    return results
+
+
+def _jsonable(d: dict) -> dict:
+    return json.loads(json.dumps(d))

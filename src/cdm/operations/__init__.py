@@ -1,0 +1,25 @@
+"""What an operator does to a compartment store, above the store and the training loops: the CLI, the service,
+the benchmark and the demo call these and only display what they return (typed results, :mod:`.results`).
+
+- :mod:`.sources`: add a source (train its compartment), the paragon, forget a source or samples of it; the
+  store's backbone (:func:`store_backbone`).
+- :mod:`.generate`: compose stored compartments; generate from the backbone, one compartment or a composition.
+- :mod:`.learned`: learned weightings (router, noisy classifier, isolated heads): train, load, what can run.
+- :mod:`.attribution`: credit attribution of generated samples to the sources.
+"""
+
+from .attribution import DENSITIES, attribute_samples, class_mixture_bank
+from .generate import class_counts, compose, generate_from_store
+from .learned import (ISOLATED_KIND, LEARNED_WEIGHTINGS, ROUTER_CIDS, head_cid, load_weighting, runnable_weightings,
+                      train_heads, train_isolated_op, train_router_op)
+from .results import (Added, Attribution, CompartmentUsed, Generation, HeadsTrained, Retrain, SamplesForgotten,
+                      SourceForgotten, StoredCompartment)
+from .sources import (PARAGON, add_source, add_source_dp, check_add, forget_samples, forget_source, load_compartment,
+                      source_data, store_backbone, train_paragon)
+
+__all__ = ["DENSITIES", "ISOLATED_KIND", "LEARNED_WEIGHTINGS", "PARAGON", "ROUTER_CIDS", "Added", "Attribution",
+           "CompartmentUsed", "Generation", "HeadsTrained", "Retrain", "SamplesForgotten", "SourceForgotten",
+           "StoredCompartment", "add_source", "add_source_dp", "attribute_samples", "check_add", "class_counts",
+           "class_mixture_bank", "compose", "forget_samples", "forget_source", "generate_from_store", "head_cid",
+           "load_compartment", "load_weighting", "runnable_weightings", "source_data", "store_backbone",
+           "train_heads", "train_isolated_op", "train_paragon", "train_router_op"]

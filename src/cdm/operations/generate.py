@@ -1,0 +1,147 @@
+"""Generating from a store: compose stored compartments into one denoiser, and the one way to draw images from
+the backbone, one compartment or a composition (:func:`generate_from_store`), with a typed result."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ..backbone import Backbone
+from ..compartments import Compartment
+from ..errors import CdmError
+from ..store import Store, StoreError
+from .results import CompartmentUsed, Generation
+from .sources import load_compartment, source_data
+
+__all__ = ["class_counts", "compose", "generate_from_store"]
+
+def compose(store: Store, backbone: Backbone, names: list[str], *, weighting: str = "ito", threshold: float = 0.0,
+            priors: list[float] | None = None, seed: int = 0, class_conditional_priors: bool = True):
+    """A composed denoiser over stored compartments (default priors: proportional to source size).
+
+    ``weighting``: ``ito``, ``naive``, ``single``, or a learned one read from the store: ``router`` (stored cid
+    "router"), ``classifier`` (cid "noisy-classifier"), both trained on these sources or a superset (their
+    logits for the requested sources are used, in order), or ``isolated`` (each source's own head
+    "<source>.head"). Missing learned weights: a :class:`CdmError` naming the ``cdm train-router`` command.
+    Class-conditional compartments get per-class priors ``lambda_i(y)`` proportional to source i's samples of
+    class y (``class_conditional_priors``); ``priors`` apply to the unconditional (null-class) branch."""
+    from ..composition import CompartmentBank, ComposedDenoiser
+    from ..composition.registry import WeightingContext, create_weighting, spec
+    from .learned import load_weighting
+
+    spec(weighting)  # unknown -> CdmError naming the known ones
+    if not names:
+        raise CdmError("no sources to compose")
+    comps = [load_compartment(store, backbone, n) for n in names]
+    if priors is None:
+        priors = [float(store.source(n)["n"]) for n in names]
+    class_priors = class_counts(store, names, comps) if class_conditional_priors else None
+    w = create_weighting(weighting, WeightingContext(schedule=backbone.schedule, seed=seed,
+                                                     load=lambda kind: load_weighting(store, backbone, names, kind)))
+    return ComposedDenoiser(CompartmentBank(backbone, comps), w, priors=priors, class_priors=class_priors,
+                            threshold=threshold)
+
+
+class _Tally:
+    """A composed denoiser that keeps its evaluation count over the batches :func:`generate` resets it for."""
+
+    def __init__(self, inner):
+        self.inner, self._done = inner, 0
+
+    def __call__(self, x, t, **cond):
+        return self.inner(x, t, **cond)
+
+    def reset(self) -> None:
+        self._done += self.inner.evals
+        self.inner.reset()
+
+    def trajectory(self):
+        return self.inner.trajectory()
+
+    @property
+    def total(self) -> int:
+        return int(self._done + self.inner.evals)
+
+
+def generate_from_store(store: Store | None, backbone: Backbone, sources: list[str] | tuple[str, ...] = (), *,
+                        labels=None, n: int | None = None, weighting: str = "ito", solver: str | None = None,
+                        steps: int = 50, guidance: float = 1.0, seed: int = 0, threshold: float = 0.0,
+                        priors: list[float] | None = None, bf16: bool = False, batch_size: int = 250,
+                        progress: bool = False, denoiser_hook=None, compose_seed: int | None = None) -> Generation:
+    """The one way to generate: from the backbone (no sources), one compartment (its own denoiser), or the
+    composition of stored compartments ``sources`` with ``weighting``. Class-conditional with ``labels`` (one
+    image per label), else ``n`` unconditional images. ``solver`` None: what the weighting needs
+    (:func:`~cdm.composition.registry.resolve_solver`). ``denoiser_hook(eps) -> eps`` wraps the denoiser (the
+    service watches it for divergence). ``compose_seed``: the seed of the composition's own draws (the single
+    weighting's choice of source; default ``seed``)."""
+    from ..composition.registry import resolve_solver
+    from ..generation import generate
+
+    sources = list(dict.fromkeys(sources))
+    if sources and store is None:
+        raise CdmError("sources given without a store")
+    solver = resolve_solver(weighting, len(sources), solver)
+    composed, used, eps = None, [], backbone.eps
+    if sources:
+        rows = {r["cid"]: r for r in store.compartments()}
+        if len(sources) == 1:  # one compartment: its own denoiser, nothing to weigh
+            eps = load_compartment(store, backbone, sources[0]).denoiser(backbone)
+        else:
+            composed = compose(store, backbone, sources, weighting=weighting, threshold=threshold, priors=priors,
+                               seed=seed if compose_seed is None else compose_seed)
+        used = [CompartmentUsed(s, rows[s]["weights_sha256"]) for s in sources]
+    tally = _Tally(composed) if composed is not None else None
+    eps = tally if tally is not None else eps
+    if denoiser_hook is not None:
+        eps = denoiser_hook(eps)
+    labels = None if labels is None else np.asarray(labels, dtype=np.int64)
+    if labels is None and guidance != 1.0:
+        guidance = 1.0  # guidance needs a class to guide towards
+    trajectories: list = []
+    t0 = time.perf_counter()
+    images, labels = generate(eps, schedule=backbone.schedule, codec=backbone.codec, labels=labels,
+                              n=None if labels is not None else n, null_class=backbone.config.null_class,
+                              guidance=guidance, solver=solver, steps=steps, seed=seed, bf16=bf16,
+                              batch_size=batch_size, in_chans=backbone.config.in_chans, progress=progress,
+                              trajectories=trajectories)
+    seconds = time.perf_counter() - t0
+    weights = None
+    if composed is not None:
+        # each batch's trajectory is (calls, B or 2B with guidance: conditional half first, sources)
+        parts, done = [], 0
+        for traj in trajectories:
+            rows_b = min(batch_size, len(images) - done)
+            parts.append(traj.numpy()[:, :rows_b])
+            done += rows_b
+        weights = np.concatenate(parts, axis=1)
+    return Generation(images=images, labels=labels, sources=sources, compartments=used,
+                      weighting=weighting if len(sources) > 1 else None, solver=solver, steps=steps, seed=seed,
+                      guidance=guidance, weights=weights, evals=tally.total if tally is not None else None,
+                      seconds=seconds)
+
+
+def class_counts(store: Store, names: list[str], comps: list[Compartment]) -> np.ndarray | None:
+    """(sources, classes) sample counts from the stored samples, for lambda_i(y) = n_i(y) / sum_j n_j(y): a
+    source that holds no sample of class y gets no weight for y (its class-y prompts were never trained, so
+    they are only the public backbone). None when the compartments are unconditional or data is missing."""
+    if not comps or not all(c.config.conditional for c in comps):
+        return None
+    counts = np.zeros((len(names), comps[0].num_classes), dtype=np.float64)
+    for i, n in enumerate(names):
+        key = (store.source(n)["content_hash"], counts.shape[1])  # covers images and labels
+        if key not in _COUNTS:
+            try:
+                labels = source_data(store, n).labels
+            except StoreError:
+                return None
+            if labels is None:
+                return None
+            _COUNTS[key] = np.bincount(labels, minlength=counts.shape[1])[: counts.shape[1]]
+        counts[i] = _COUNTS[key]
+    return counts
+
+
+# Class counts by (source content hash, classes): compose() runs per service request and must not reread every
+# source's samples each time. Keyed by content, so a forgotten-then-readded or sample-forgotten source misses.
+_COUNTS: dict[tuple[str, int], np.ndarray] = {}

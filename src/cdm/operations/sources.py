@@ -1,0 +1,247 @@
+"""Sources in a store: add one (train its compartment), train the paragon, forget a source or samples of it.
+
+A source's own samples are kept in the store (:meth:`~cdm.store.Store.samples_file`, registered as training
+state of that source) so that a sample-level forget can retrain the compartment from scratch; forgetting the
+source deletes them with everything else derived from it. The backbone is a property of the store
+(:func:`store_backbone`): every operation here refuses another one before it writes anything.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from ..backbone import DEFAULT_BACKBONE, Backbone
+from ..compartments import Compartment, CompartmentConfig
+from ..data import Source, concat_sources, load_npz
+from ..errors import CdmError
+from ..store import Store, StoreError, check_source_name
+from ..training.compartment import check_source_fits, train_compartment
+from ..training.record import TrainingRecord
+from .results import Added, Retrain, SamplesForgotten, SourceForgotten, StoredCompartment
+
+__all__ = ["PARAGON", "add_source", "add_source_dp", "check_add", "forget_samples", "forget_source",
+           "load_compartment", "source_data", "store_backbone", "train_paragon"]
+
+PARAGON = "paragon"
+
+
+def store_backbone(store: Store, backbone: Backbone | str | Path | None = None, *, bind: bool = False) -> Backbone:
+    """The backbone every command on ``store`` trains and samples with: the store's own (recorded when the store
+    was created), or ``backbone`` when the store has none yet (default: the shipped one). An explicit
+    ``backbone`` (a :class:`Backbone`, a directory or ``shipped:NAME``) with another hash than the store's is
+    refused, naming both. ``bind``: record the backbone in a store that has none (the first write does that
+    anyway); also fills in where a store that knows only the hash can find it."""
+    have = store.backbone
+    if backbone is not None:
+        bb = backbone if isinstance(backbone, Backbone) else Backbone.from_pretrained(backbone)
+        if have is not None and bb.hash != have["hash"]:
+            raise CdmError(f"backbone {bb.ref or '(in memory)'} is {bb.hash[:12]}, but store {store.path} was "
+                           f"created with backbone {have['hash'][:12]}"
+                           + (f" ({have['ref']})" if have["ref"] else "") + ": leave out --backbone to use the store's")
+    elif have is None:
+        bb = Backbone.from_pretrained(DEFAULT_BACKBONE)
+    elif have["ref"] is not None:
+        try:
+            bb = Backbone.from_pretrained(have["ref"])
+        except CdmError as e:
+            raise CdmError(f"store {store.path}: its backbone {have['ref']} cannot be loaded ({e}); pass "
+                           f"--backbone DIR with the backbone of hash {have['hash'][:12]}") from None
+        if bb.hash != have["hash"]:
+            raise CdmError(f"store {store.path}: the backbone at {have['ref']} is now {bb.hash[:12]}, not the "
+                           f"store's {have['hash'][:12]}; pass --backbone DIR with the store's backbone")
+    else:  # a store from before backbones were recorded: its hash may be a shipped backbone's
+        from .shipped import PREFIX, names
+
+        for name in names():
+            if name.startswith("backbone"):
+                cand = Backbone.from_pretrained(PREFIX + name)
+                if cand.hash == have["hash"]:
+                    bb = cand
+                    break
+        else:
+            raise CdmError(f"store {store.path} was made with backbone {have['hash'][:12]}, which is not shipped: "
+                           "pass --backbone DIR")
+    if bind and (have is None or (have["ref"] is None and bb.ref is not None)):
+        store.set_backbone(bb.hash, bb.ref)
+    return bb
+
+
+def _require_store_backbone(store: Store, backbone: Backbone) -> dict | None:
+    """Refuse a backbone that is not the store's (before anything is written); returns the store's record."""
+    have = store.backbone
+    if have is not None and have["hash"] != backbone.hash:
+        raise CdmError(f"backbone {backbone.ref or '(in memory)'} is {backbone.hash[:12]}, but store {store.path} "
+                       f"was created with backbone {have['hash'][:12]}: leave out --backbone to use the store's")
+    return have
+
+
+def source_data(store: Store, name: str) -> Source:
+    """The samples of a registered source, as kept in the store."""
+    path = store.samples_file(name)  # unknown source -> StoreError
+    if not path.is_file():
+        raise StoreError(f"source '{name}' has no stored samples (it was added without them)")
+    return load_npz(path, id=name)
+
+
+def load_compartment(store: Store, backbone: Backbone, cid: str) -> Compartment:
+    """A stored compartment, checked against this backbone and its hashes."""
+    tensors, manifest = store.load_compartment(cid, backbone_hash=backbone.hash)
+    comp = Compartment.for_backbone(backbone, CompartmentConfig.from_dict(manifest["config"]))
+    comp.load_tensors(tensors, origin=f"compartment '{cid}'")
+    return comp.eval().requires_grad_(False)
+
+
+def _put(store: Store, cid: str, comp: Compartment, record: TrainingRecord, *, kind: str, sources: list[str],
+         backbone: Backbone, actor: str | None) -> StoredCompartment:
+    manifest = {**record.to_dict(), "kind": kind}
+    row = store.put_compartment(cid, comp.tensors(), manifest, kind=kind, sources=sources,
+                                backbone_hash=backbone.hash, actor=actor)
+    store.clear_work(cid)
+    return StoredCompartment.from_row(row)
+
+
+def check_add(backbone: Backbone, source: Source, *, name: str, cfg: CompartmentConfig, dp=None) -> None:
+    """Everything :func:`add_source` checks that needs no store: the name, the source against the compartment
+    config and the backbone (labels, classes), a DP budget. The CLI calls it before it creates a store."""
+    check_source_name(name)
+    if len(source) == 0:
+        raise CdmError(f"{source.id}: the source is empty")
+    check_source_fits(source, Compartment.for_backbone(backbone, cfg))
+    if dp is not None:
+        from ..privacy import calibrate
+
+        calibrate(dp.epsilon, dp.delta_for(len(source)), cfg.batch_size / len(source), cfg.steps, dp.accountant)
+
+
+def add_source(store: Store, backbone: Backbone, source: Source, *, name: str, cfg: CompartmentConfig,
+               tags: tuple[str, ...] = (), actor: str | None = None, max_minutes: float | None = None,
+               progress: bool = True, dp=None) -> Added:
+    """Register ``source`` as ``name`` and train its compartment (continual learning: no other compartment is
+    touched). Interrupted or paused runs resume when called again with the same arguments.
+
+    ``dp``: a :class:`~cdm.privacy.DPConfig` trains with DP-SGD (:mod:`cdm.privacy`; ``cfg.batch_size`` is the
+    expected Poisson batch; the manifest's ``dp`` entry holds the achieved epsilon from the accountant, delta,
+    noise multiplier, clip, sample rate, steps). A budget that cannot be met is refused before anything is
+    registered.
+
+    Everything is checked before the first write (the name, the source against the compartment config and the
+    backbone, the backbone against the store's, a DP budget). The source is registered as incomplete until its
+    compartment is stored, so an add that is killed is listed (``complete`` False, :meth:`Store.verify`) and
+    resumes when run again."""
+    check_add(backbone, source, name=name, cfg=cfg, dp=dp)
+    existing = {r["cid"] for r in store.compartments()}
+    if name in existing:
+        raise StoreError(f"source '{name}' already has a compartment; forget it first or choose another name")
+    have = _require_store_backbone(store, backbone)
+    if have is None or have["ref"] is None:
+        store.set_backbone(backbone.hash, backbone.ref, actor=actor)
+    store.add_source(name, content_hash=source.content_hash, n=len(source), classes=list(source.classes),
+                     tags=tags, actor=actor, pending=True)
+    data_path = store.samples_file(name, create=True)
+    if not data_path.exists():
+        source.to_npz(data_path)
+    kwargs = dict(work_dir=store.work_dir(name, sources=[name]), max_minutes=max_minutes, progress=progress)
+    comp, record = _train(backbone, source, cfg, dp, **kwargs)
+    record.source.update(spec=source.id, id=name)
+    if comp is None:
+        return Added(record, None)
+    return Added(record, _put(store, name, comp, record, kind="compartment", sources=[name], backbone=backbone,
+                              actor=actor))
+
+
+def _train(backbone: Backbone, source: Source, cfg: CompartmentConfig, dp, **kwargs):
+    if dp is None:
+        return train_compartment(backbone, source, cfg, **kwargs)
+    from ..privacy import train_compartment_dp
+
+    return train_compartment_dp(backbone, source, cfg, dp, **kwargs)
+
+
+def add_source_dp(store: Store, backbone: Backbone, source: Source, *, name: str, cfg: CompartmentConfig, dp,
+                  **kwargs) -> Added:
+    """:func:`add_source` with DP-SGD training: ``dp`` is a :class:`~cdm.privacy.DPConfig`."""
+    return add_source(store, backbone, source, name=name, cfg=cfg, dp=dp, **kwargs)
+
+
+def train_paragon(store: Store, backbone: Backbone, *, cfg: CompartmentConfig, sources: list[str] | None = None,
+                  actor: str | None = None, max_minutes: float | None = None, progress: bool = True) -> Added:
+    """The paper's "no split" reference: one compartment with the same prompt budget trained on the union."""
+    names = sources or [s["id"] for s in store.sources()]
+    if not names:
+        raise StoreError("the store has no sources to train a paragon on")
+    _require_store_backbone(store, backbone)
+    union = concat_sources([source_data(store, n) for n in names], id="+".join(names))
+    comp, record = train_compartment(backbone, union, cfg, work_dir=store.work_dir(PARAGON, sources=names),
+                                     max_minutes=max_minutes, progress=progress)
+    record.source.update(id=PARAGON, sources=names)
+    if comp is None:
+        return Added(record, None)
+    return Added(record, _put(store, PARAGON, comp, record, kind="paragon", sources=names, backbone=backbone,
+                              actor=actor))
+
+
+def forget_source(store: Store, name: str, *, reason: str = "", actor: str | None = None) -> SourceForgotten:
+    """Remove the source, its compartment, its stored samples and every joint compartment trained on it. No
+    training happens."""
+    t0 = time.perf_counter()
+    out = store.forget_source(name, reason=reason, actor=actor)
+    return SourceForgotten(source=out["source"], removed=out["removed"],
+                           retrain=[Retrain(r["cid"], r["kind"], r["sources"]) for r in out["retrain"]],
+                           work_removed=out["work_removed"], audit_seq=out["audit_seq"],
+                           seconds=time.perf_counter() - t0)
+
+
+def forget_samples(store: Store, backbone: Backbone, name: str, sample_ids: list[str], *, reason: str = "",
+                   actor: str | None = None, progress: bool = True) -> SamplesForgotten:
+    """Remove samples from a source: the stored samples are rewritten without them and the compartment is
+    retrained from scratch with its recorded config and seed, so the result is bit-identical to a compartment
+    trained on the reduced source directly. A DP compartment is retrained with DP-SGD and its recorded privacy
+    parameters (target epsilon, delta, clip, augmult, accountant). Joint compartments (paragon, router) that saw
+    the source are dropped (they must be retrained; the audit record says so)."""
+    t0 = time.perf_counter()
+    if not sample_ids:
+        raise CdmError("no sample ids given")
+    row = store.compartment(name)
+    _require_store_backbone(store, backbone)
+    if row["backbone_hash"] != backbone.hash:  # (a store from before backbones were recorded)
+        raise CdmError(f"compartment '{name}' was trained on backbone {row['backbone_hash'][:12]}, not "
+                       f"{backbone.hash[:12]}: an exact retrain needs the same backbone")
+    cfg = CompartmentConfig.from_dict(row["manifest"]["config"])
+    spec = row["manifest"].get("source", {}).get("spec", name)
+    dp = _recorded_dp(row["manifest"].get("dp"))
+    full = source_data(store, name)
+    reduced = full.without(sample_ids, id=name)  # unknown or ambiguous ids -> DataError, nothing changed yet
+    removed_n = len(full) - len(reduced)
+    # 1. nothing trained on the samples may survive: the source's compartment and joint ones go first
+    dropped = [r for r in store.compartments() if name in r["sources"]]
+    for r in dropped:
+        store.remove_compartment(r["cid"], reason=f"forget {removed_n} sample(s) of '{name}'", actor=actor)
+    # 2. the stored samples lose them
+    reduced.to_npz(store.samples_file(name, create=True))
+    store.update_source_content(name, content_hash=reduced.content_hash, n=len(reduced), actor=actor)
+    # 3. retrain from scratch (same config and seed)
+    with torch.random.fork_rng():
+        comp, record = _train(backbone, reduced, cfg, dp, work_dir=store.work_dir(name, sources=[name]),
+                              progress=progress)
+    record.source.update(spec=spec, id=name)
+    new = _put(store, name, comp, record, kind="compartment", sources=[name], backbone=backbone, actor=actor)
+    seconds = time.perf_counter() - t0
+    store.record("forget-samples", name, {
+        "reason": reason, "n_removed": removed_n, "seconds": round(seconds, 2),
+        "retrain": [{"cid": r["cid"], "kind": r["kind"]} for r in dropped if r["cid"] != name],
+    }, before=row["weights_sha256"], after=new.weights_sha256, actor=actor)
+    return SamplesForgotten(source=name, n_removed=removed_n, seconds=seconds, before=row["weights_sha256"],
+                            after=new.weights_sha256, dropped=[r["cid"] for r in dropped if r["cid"] != name])
+
+
+def _recorded_dp(entry: dict | None):
+    """The DPConfig a DP compartment was trained with, from its manifest's ``dp`` entry (None: not DP)."""
+    if not entry:
+        return None
+    from ..privacy import DPConfig
+
+    return DPConfig(epsilon=entry["target_epsilon"], delta=entry["delta"], max_grad_norm=entry["max_grad_norm"],
+                    augmult=entry.get("augmult", 1), accountant=entry.get("accountant", "rdp"))
