@@ -20,8 +20,9 @@ from cdm.composition.heads import state_tensors
 from cdm.data import Source, public_protected
 from cdm.errors import CdmError, TrainingError
 from cdm.io import state_dict_sha256
-from cdm.operations import (add_source, compose, forget_source, head_cid, source_data, train_isolated_op,
-                            train_router_op)
+from cdm.composition.registry import REGISTRY
+from cdm.operations import (add_source, compose, forget_source, head_cid, runnable_weightings, source_data,
+                            train_isolated_op, train_router_op)
 from cdm.sampling import sample
 from cdm.store import Store
 
@@ -209,6 +210,11 @@ def test_store_round_trip_compose_and_forget(tmp_path, backbone, sources):
             flipped(x, t)
             torch.testing.assert_close(flipped.trajectory()[-1], composed_u.trajectory()[-1].flip(1))
 
+        # what the registry offers for these sources now: everything, as every head is trained and current; for
+        # one source only what needs no heads; nothing for no source (the service's menu comes from here)
+        assert runnable_weightings(st, names) == [w for w in REGISTRY if REGISTRY[w].public]
+        assert runnable_weightings(st, names[:1]) == ["ito", "naive", "single"] and runnable_weightings(st, []) == []
+
         # forgetting 'inv' drops its compartment, its own head and both joint weightings (listed for retraining),
         # and nothing of 'plain'
         plain_head = st.compartment("plain.head")["weights_sha256"]
@@ -216,6 +222,7 @@ def test_store_round_trip_compose_and_forget(tmp_path, backbone, sources):
         assert set(out.removed) == {"inv", "inv.head", "router", "noisy-classifier"}
         assert {r.cid: r.sources for r in out.retrain} == {"router": ["plain"], "noisy-classifier": ["plain"]}
         assert st.compartment("plain.head")["weights_sha256"] == plain_head
+        assert runnable_weightings(st, ["plain"]) == ["ito", "naive", "single"]
         assert st.verify() == []
         assert compose(st, backbone, ["plain"], weighting="isolated") is not None
         with pytest.raises(CdmError, match="no router covers sources plain"):

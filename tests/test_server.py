@@ -368,28 +368,3 @@ def test_sources_lists_weightings_learned_and_limits(served):
     assert srv.request("GET", "/v1/sources", token=tokens["none"])[1]["weightings"] == []
     admin_view = srv.request("GET", "/v1/admin/sources", token=tokens["admin"])[1]
     assert all("learned" in s for s in admin_view)
-
-
-def test_available_weightings():
-    """router / classifier only where a stored one covers at least two of the sources; isolated only where
-    every source has its head."""
-    from cdm.server.engine import available_weightings
-
-    class FakeStore:
-        def __init__(self, rows):
-            self.rows = rows
-
-        def compartments(self, kind=None):
-            return [r for r in self.rows if kind is None or r["kind"] == kind]
-
-    comps = [{"cid": s, "kind": "compartment", "sources": [s]} for s in ("a", "b", "c")]
-    router = {"cid": "router", "kind": "router", "sources": ["a", "b"]}
-    clf = {"cid": "noisy-classifier", "kind": "classifier", "sources": ["b", "c"]}
-    heads = [{"cid": f"{s}.head", "kind": "isolated-head", "sources": [s]} for s in ("a", "b")]
-    st = FakeStore(comps + [router, clf] + heads)
-    assert available_weightings(st, []) == []
-    assert available_weightings(st, ["c"]) == ["ito", "naive", "single"]
-    assert available_weightings(st, ["a", "b"]) == ["ito", "naive", "single", "router", "isolated"]
-    assert available_weightings(st, ["a", "b", "c"]) == ["ito", "naive", "single", "router", "classifier"]
-    assert available_weightings(st, ["a", "c"]) == ["ito", "naive", "single"]
-    assert available_weightings(FakeStore(comps), ["a", "b"]) == ["ito", "naive", "single"]

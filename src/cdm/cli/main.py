@@ -538,6 +538,8 @@ def serve(
     threads: int = typer.Option(1, help="torch CPU threads per worker thread."),
     workers: int = typer.Option(1, help="Generate requests computed at once."),
     queue: int = typer.Option(16, help="Generate requests waiting beyond those (503 when full)."),
+    per_key_queue: int = typer.Option(4, help="Generate requests one key may have running or waiting (503 beyond: "
+                                      "no key fills the queue)."),
     max_n: int = typer.Option(16, help="Images per request."),
     max_steps: int = typer.Option(100, help="Sampler steps per request."),
     max_body_kb: int = typer.Option(64, help="JSON body limit (KiB)."),
@@ -557,7 +559,8 @@ def serve(
     if not (store / "registry.sqlite").is_file():
         raise CdmError(f"{store}: no compartment store (`cdm demo` builds out/demo/store; `cdm add` makes one)")
     limits = Limits(max_n=max_n, max_steps=max_steps, max_body_bytes=max_body_kb * 1024,
-                    max_upload_bytes=max_upload_mb * 1024 * 1024, workers=workers, queue=queue, threads=threads,
+                    max_upload_bytes=max_upload_mb * 1024 * 1024, workers=workers, queue=queue,
+                    per_key_queue=per_key_queue, threads=threads,
                     default_train_steps=train_steps, max_train_steps=max(train_steps, Limits.max_train_steps))
     _threads(threads)
     with _open_store(store) as st:

@@ -153,7 +153,9 @@ def load_weighting(store: Store, backbone: Backbone, names: list[str], weighting
 def runnable_weightings(store: Store, sources: list[str]) -> list[str]:
     """The weightings (registry order) a composition of the stored ``sources`` can run now: those that need no
     heads, and learned ones whose heads are stored, cover every source and saw its current data and
-    compartment (what :func:`load_weighting` would accept)."""
+    compartment (what :func:`load_weighting` would accept). None for no source."""
+    if not sources:
+        return []
     out = []
     for name in names():
         spec = REGISTRY[name]

@@ -1,12 +1,11 @@
 """The à-la-carte service: generation by access rights over HTTP, a web page, forgetting and audit.
 
 ``create_app(store, backbone=..., limits=...)`` (FastAPI) and ``cdm serve``; API keys in the store's registry
-(:mod:`cdm.server.keys`, ``cdm keys create|list|revoke``). Needs the ``serve`` extra (fastapi, uvicorn,
-python-multipart).
+(:mod:`cdm.server.keys`, ``cdm keys create|list|revoke``).
 """
 
 from .engine import Limits
-from .keys import ApiKey, ApiKeyError, authenticate, create_key, ensure_schema, list_keys, revoke_key
+from .keys import ApiKey, ApiKeyError, authenticate, create_key, list_keys, revoke_key
 
 
 def create_app(*args, **kwargs):
@@ -16,5 +15,4 @@ def create_app(*args, **kwargs):
     return _create(*args, **kwargs)
 
 
-__all__ = ["ApiKey", "ApiKeyError", "Limits", "authenticate", "create_app", "create_key", "ensure_schema",
-           "list_keys", "revoke_key"]
+__all__ = ["ApiKey", "ApiKeyError", "Limits", "authenticate", "create_app", "create_key", "list_keys", "revoke_key"]

@@ -30,7 +30,6 @@ Every answer carries ``Content-Security-Policy`` (the page: same-origin scripts,
 
 import asyncio
 import json
-import re
 import tempfile
 import time
 from contextlib import asynccontextmanager
@@ -46,16 +45,18 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..backbone import Backbone
-from ..backbone.pretrained import DEFAULT_BACKBONE
+from ..composition.registry import REGISTRY, resolve_solver
+from ..composition.registry import names as weighting_names
 from ..errors import CdmError
-from ..store import Store, StoreError
+from ..operations import runnable_weightings, store_backbone
+from ..sampling import SOLVERS
+from ..store import Store, StoreError, check_source_name
 from . import keys as keyring
-from .engine import Abandoned, Busy, Engine, Limits, Ticket, available_weightings
+from .engine import Abandoned, Busy, Engine, Limits, Ticket
 
 __all__ = ["create_app"]
 
 STATIC = Path(__file__).resolve().parent / "static"
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a compartment id (the store's rule)
 _TAGS = [
     {"name": "generate", "description": "Sources the caller may use, and generation from them."},
     {"name": "admin", "description": "Admin key only: keys, sources (add, forget), jobs, audit log."},
@@ -194,13 +195,12 @@ def _token_of(request: Request) -> str | None:
 
 def create_app(store_path: str | Path, *, backbone: Backbone | str | Path | None = None,
                limits: Limits | None = None) -> FastAPI:
-    """The service for the store at ``store_path`` (which must exist). ``backbone``: a :class:`Backbone` or
-    its directory (default: the shipped one)."""
+    """The service for the store at ``store_path`` (which must exist). ``backbone``: a :class:`Backbone`, its
+    directory or ``shipped:NAME`` (default: the store's own; another one is refused)."""
     store_path = Path(store_path)
     limits = limits or Limits()
-    Store.open(store_path).close()  # exists, is a store, recovered
-    keyring.ensure_schema(store_path)
-    bb = backbone if isinstance(backbone, Backbone) else Backbone.from_pretrained(backbone or DEFAULT_BACKBONE)
+    with Store.open(store_path) as st:  # exists, is a store (migrated, recovered); its own backbone by default
+        bb = store_backbone(st, backbone)
     n_classes = bb.config.num_classes - (1 if bb.config.null_class is not None else 0)
     engine = Engine(store_path, bb, limits)
     from .. import composition, generation, operations, viz  # noqa: F401 (imported now, not by the first request)
@@ -250,7 +250,7 @@ def create_app(store_path: str | Path, *, backbone: Backbone | str | Path | None
         errors = _validation_errors(exc)
         if request.url.path == "/v1/generate" and request.method == "POST":  # logged like any generate request
             token = _token_of(request)
-            key = await engine.io.run(keyring.authenticate, store_path, token) if token else None
+            key = await engine.io.run(lambda: keyring.authenticate(engine.io.store(), token)) if token else None
             if key is not None:
                 said = "; ".join(".".join(str(p) for p in e["loc"][1:]) + " " + e["msg"] for e in errors)
                 details = {"status": 422, "outcome": f"invalid request: {said}"[:300]}
@@ -267,7 +267,7 @@ def create_app(store_path: str | Path, *, backbone: Backbone | str | Path | None
         if not token:
             raise HTTPException(401, "missing API key (Authorization: Bearer <key> or X-API-Key)",
                                 headers={"WWW-Authenticate": "Bearer"})
-        key = await engine.io.run(keyring.authenticate, store_path, token)
+        key = await engine.io.run(lambda: keyring.authenticate(engine.io.store(), token))
         if key is None:
             raise HTTPException(401, "unknown or revoked API key", headers={"WWW-Authenticate": "Bearer"})
         return key
@@ -347,7 +347,7 @@ def create_app(store_path: str | Path, *, backbone: Backbone | str | Path | None
             rows, ready = _source_rows()
             mine = [s for s in rows if key.may_use(s["id"])]
             return ([_source_view(s, ready, _learned(st, s["id"], ready)) for s in mine],
-                    available_weightings(st, [s["id"] for s in mine if s["id"] in ready]))
+                    runnable_weightings(st, [s["id"] for s in mine if s["id"] in ready]))
 
         views, weightings = await engine.io.run(run)
         return {"name": key.name, "admin": key.admin, "sources": views, "weightings": weightings,
@@ -365,12 +365,14 @@ def create_app(store_path: str | Path, *, backbone: Backbone | str | Path | None
         n: int = Field(4, ge=1, le=limits.max_n, description="Number of images.")
         steps: int = Field(25, ge=1, le=limits.max_steps, description="Sampler steps.")
         seed: int = Field(0, ge=0, le=2**31 - 1)
-        weighting: Literal["ito", "naive", "single", "router", "isolated", "classifier"] = Field(
-            "ito", description="How composition weights are obtained (router/isolated/classifier need trained "
-                               "heads in the store).")
+        weighting: Literal[tuple(weighting_names())] = Field(
+            "ito", description="How composition weights are obtained: " + "; ".join(
+                f"{k}: {REGISTRY[k].help}" for k in weighting_names()) + " (router, classifier and isolated need "
+                "their heads trained in the store; /v1/sources lists what the key's sources can run).")
         guidance: float = Field(2.0, ge=1.0, le=10.0, description="Classifier-free guidance (conditional only).")
-        solver: Literal["ddim", "ddpm", "dpmpp2m"] | None = Field(
-            None, description="Default: ddpm (ancestral) for ito over several sources, else ddim.")
+        solver: Literal[tuple(SOLVERS)] | None = Field(
+            None, description="Default: what the weighting needs (ddpm, the ancestral solver, for ito over several "
+                              "sources), else ddim.")
 
     class ImageOut(BaseModel):
         index: int
@@ -427,7 +429,7 @@ def create_app(store_path: str | Path, *, backbone: Backbone | str | Path | None
     def _resolve(token: str, key_name: str, req: GenerateRequest, st: Store) -> list[str]:
         """The sources to compose, decided when the work starts (in the compute worker, under the shared side
         of the forget lock): the key's rights and the store as they are now, not as they were at admission."""
-        key = keyring.authenticate(store_path, token)
+        key = keyring.authenticate(st, token)
         if key is None:
             raise HTTPException(401, f"key '{key_name}' was revoked while the request waited",
                                 headers={"WWW-Authenticate": "Bearer"})
@@ -447,8 +449,7 @@ def create_app(store_path: str | Path, *, backbone: Backbone | str | Path | None
             not_ready = [s for s in names if s not in ready]
             if not_ready:
                 raise HTTPException(409, f"source(s) without a trained compartment now: {', '.join(not_ready)}")
-        if req.weighting == "ito" and len(names) > 1 and req.solver not in (None, "ddpm"):
-            raise HTTPException(422, "weighting ito tracks densities along a stochastic path: use solver ddpm")
+        resolve_solver(req.weighting, len(names), req.solver)  # the registry's rule (CdmError: 422)
         return names
 
     @app.post("/v1/generate", tags=["generate"], response_model=GenerateResponse,
@@ -470,8 +471,7 @@ def create_app(store_path: str | Path, *, backbone: Backbone | str | Path | None
                 if not req.classes:
                     raise HTTPException(422, "classes is empty: leave it out (null) for unconditional images")
             names = await engine.io.run(_check_sources, key, req.sources)  # fail fast; checked again at start
-            if req.weighting == "ito" and len(names) > 1 and req.solver not in (None, "ddpm"):
-                raise HTTPException(422, "weighting ito tracks densities along a stochastic path: use solver ddpm")
+            resolve_solver(req.weighting, len(names), req.solver)  # fail fast, before the queue
             out = await engine.generate(key=key.name, resolve=partial(_resolve, _token_of(request), key.name, req),
                                         is_gone=request.is_disconnected, ticket=ticket, classes=req.classes,
                                         n=req.n, steps=req.steps, seed=req.seed, weighting=req.weighting,
@@ -511,14 +511,14 @@ def create_app(store_path: str | Path, *, backbone: Backbone | str | Path | None
 
     @app.get("/v1/admin/keys", tags=["admin"], summary="List API keys (never the tokens)")
     async def list_keys(key: keyring.ApiKey = Depends(admin)) -> list[dict]:
-        return [k.to_dict() for k in await engine.io.run(keyring.list_keys, store_path)]
+        return [k.to_dict() for k in await engine.io.run(lambda: keyring.list_keys(engine.io.store()))]
 
     @app.post("/v1/admin/keys", tags=["admin"], status_code=201,
               summary="Create a key; the token is in this response only")
     async def create_key(body: KeyCreate, key: keyring.ApiKey = Depends(admin)) -> dict:
         def run():
             st = engine.io.store()
-            if body.name in {k.name for k in keyring.list_keys(store_path)}:
+            if body.name in {k.name for k in keyring.list_keys(st)}:
                 raise HTTPException(409, f"a key named '{body.name}' exists already")
             return keyring.create_key(st, body.name, sources=body.sources, admin=body.admin, actor=key.name)
 
@@ -559,10 +559,10 @@ def create_app(store_path: str | Path, *, backbone: Backbone | str | Path | None
         from ..compartments import CompartmentConfig
         from ..data import load_npz
 
-        if not _NAME_RE.fullmatch(name) or name.endswith(".head") or name in ("paragon", "router",
-                                                                               "noisy-classifier"):
-            raise HTTPException(422, f"bad source name {name!r}: use 1-128 letters, digits, '.', '_' or '-', not "
-                                     "starting with '.', '_' or '-' (and not a reserved compartment id)")
+        try:
+            check_source_name(name)  # the store's rule
+        except StoreError as e:
+            raise HTTPException(422, str(e)) from None
         steps = limits.default_train_steps if steps is None else steps
         if not 1 <= steps <= limits.max_train_steps:
             raise HTTPException(422, f"steps must be in 1..{limits.max_train_steps}, got {steps}")

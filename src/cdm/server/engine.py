@@ -56,8 +56,7 @@ from ..data import Source
 from ..errors import CdmError
 from ..store import Store
 
-__all__ = ["Abandoned", "Busy", "Engine", "ForgetLock", "Job", "Limits", "Ticket", "available_weightings",
-           "png_base64", "weight_summary"]
+__all__ = ["Abandoned", "Busy", "Engine", "ForgetLock", "Job", "Limits", "Ticket", "png_base64"]
 
 
 @dataclass(frozen=True)
@@ -106,6 +105,7 @@ class _Watched:
         self._inner = inner
         self._ticket = ticket
         self.diverged = False
+        self.rows = 0  # denoiser evaluations (rows of every call)
 
     def __call__(self, x, t, **cond):
         import torch
@@ -113,6 +113,7 @@ class _Watched:
         if self._ticket is not None and self._ticket.abandoned:
             raise Abandoned("the client went away")
         out = self._inner(x, t, **cond)
+        self.rows += int(x.shape[0])
         if not (torch.isfinite(x).all() and torch.isfinite(out).all()):
             self.diverged = True
         return out
@@ -188,25 +189,6 @@ class _ExclusiveRemovals:
         return getattr(self._store, name)
 
 
-def available_weightings(store: Store, names: list[str]) -> list[str]:
-    """The weightings that can run on the sources ``names`` (ready compartments) of ``store``: ito, naive and
-    single for any source; router / classifier when a stored one of that kind covers at least two of them;
-    isolated when every one of them has its isolated head."""
-    from ..operations import ISOLATED_KIND, ROUTER_CIDS, head_cid
-
-    if not names:
-        return []
-    out = ["ito", "naive", "single"]
-    for kind, cid in ROUTER_CIDS.items():
-        row = next((r for r in store.compartments(kind=kind) if r["cid"] == cid), None)
-        if row is not None and len(set(names) & set(row["sources"])) >= 2:
-            out.append(kind)
-    heads = {r["cid"] for r in store.compartments(kind=ISOLATED_KIND)}
-    if all(head_cid(n) in heads for n in names):
-        out.append("isolated")
-    return out
-
-
 def png_bytes(image: np.ndarray) -> bytes:
     from PIL import Image
 
@@ -217,19 +199,6 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 def png_base64(image: np.ndarray) -> str:
     return base64.b64encode(png_bytes(image)).decode()
-
-
-def weight_summary(trajectories: list, n: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-image time-averaged and final weights (n, k) from the composed denoiser's per-batch trajectories
-    (calls, B, k); with classifier-free guidance B is twice the batch (conditional half first)."""
-    means, finals = [], []
-    for b, traj in enumerate(trajectories):
-        w = traj.numpy() if hasattr(traj, "numpy") else np.asarray(traj)
-        rows = min(batch_size, n - b * batch_size)
-        w = w[:, :rows]
-        means.append(w.mean(axis=0))
-        finals.append(w[-1])
-    return np.concatenate(means), np.concatenate(finals)
 
 
 class _Pool:
@@ -400,28 +369,24 @@ class Engine:
                  n: int, steps: int, seed: int, weighting: str, guidance: float, solver: str | None,
                  submitted: float) -> dict:
         from ..attribution import weight_path_credit
-        from ..generation import generate
-        from ..operations import compose
+        from ..operations import generate_from_store
         from ..viz import grid
 
         started = time.perf_counter()
         st = self.compute.store()
-        bb = self.backbone
         sources = ticket.sources = resolve(st)
-        rows = {r["cid"]: r for r in st.compartments(kind="compartment")}
-        composed = _Watched(compose(st, bb, sources, weighting=weighting, seed=seed), ticket)
-        solver = solver or ("ddpm" if weighting == "ito" and len(sources) > 1 else "ddim")
         labels = None if classes is None else np.resize(np.asarray(classes, dtype=np.int64), n)
-        trajectories: list = []
-        batch = n
-        images, labels = generate(composed, schedule=bb.schedule, codec=bb.codec, labels=labels,
-                                  n=None if labels is not None else n, null_class=bb.config.null_class,
-                                  guidance=guidance if labels is not None else 1.0, solver=solver, steps=steps,
-                                  seed=seed, batch_size=batch, in_chans=bb.config.in_chans,
-                                  trajectories=trajectories)
-        mean_w, final_w = weight_summary(trajectories, len(images), batch)
-        if composed.diverged or not (np.isfinite(mean_w).all() and np.isfinite(final_w).all()):
-            raise CdmError(f"the {solver} sampler diverged (non-finite values) with {steps} steps; try another "
+        watched: list[_Watched] = []
+        gen = generate_from_store(st, self.backbone, sources, labels=labels, n=n, weighting=weighting, solver=solver,
+                                  steps=steps, guidance=guidance, seed=seed, batch_size=n,
+                                  denoiser_hook=lambda eps: watched.append(_Watched(eps, ticket)) or watched[-1])
+        images = gen.images
+        k = len(sources)
+        # one compartment alone is not composed: its weight is 1 throughout
+        mean_w = gen.mean_weights if gen.weights is not None else np.ones((len(images), k))
+        final_w = gen.final_weights if gen.weights is not None else np.ones((len(images), k))
+        if watched[0].diverged or not (np.isfinite(mean_w).all() and np.isfinite(final_w).all()):
+            raise CdmError(f"the {gen.solver} sampler diverged (non-finite values) with {steps} steps; try another "
                            "number of steps")
         # the weight-path credit (cdm.attribution): the composition weights integrated over the sampling path
         # (every sampler call counts the same). The likelihood credit needs the probability-flow ODE and its
@@ -431,30 +396,28 @@ class Engine:
         for i, img in enumerate(images):
             out_images.append({
                 "index": i,
-                "label": None if labels is None else int(labels[i]),
+                "label": None if gen.labels is None else int(gen.labels[i]),
                 "png": png_base64(img),
-                "weights": {s: round(float(mean_w[i, k]), 4) for k, s in enumerate(sources)},
-                "final_weights": {s: round(float(final_w[i, k]), 4) for k, s in enumerate(sources)},
-                "attribution": {s: round(float(credit[i, k]), 4) for k, s in enumerate(sources)},
+                "weights": {s: round(float(mean_w[i, j]), 4) for j, s in enumerate(sources)},
+                "final_weights": {s: round(float(final_w[i, j]), 4) for j, s in enumerate(sources)},
+                "attribution": {s: round(float(credit[i, j]), 4) for j, s in enumerate(sources)},
             })
-        nrow = min(len(images), 8)
         done = time.perf_counter()
         with self._stats_lock:
             self.stats["generated_requests"] += 1
             self.stats["generated_images"] += len(images)
         return {
             "sources": sources,
-            "compartments": [{"cid": s, "weights_sha256": rows[s]["weights_sha256"] if s in rows else None}
-                             for s in sources],
-            "weighting": weighting, "solver": solver, "steps": steps, "seed": seed, "n": len(images),
-            "classes": classes, "guidance": guidance if labels is not None else 1.0,
+            "compartments": [{"cid": c.cid, "weights_sha256": c.weights_sha256} for c in gen.compartments],
+            "weighting": weighting, "solver": gen.solver, "steps": steps, "seed": seed, "n": len(images),
+            "classes": classes, "guidance": gen.guidance,
             "images": out_images,
-            "grid_png": png_base64(grid(images, nrow=nrow)),
+            "grid_png": png_base64(grid(images, nrow=min(len(images), 8))),
             "weights_summary": "per image: time-averaged posterior weight of each source over all sampler calls "
                                "(weights) and at the last call (final_weights)",
             "attribution": "weight-path: per image, the time-integrated composition weight of each source "
                            "(cdm.attribution.weight_path_credit); the likelihood credit is `cdm attribute`",
-            "evals": int(composed.evals),
+            "evals": gen.evals if gen.evals is not None else watched[0].rows,
             "seconds": round(done - started, 4), "queue_seconds": round(started - submitted, 4),
         }
 
