@@ -234,33 +234,17 @@ BURST_KEYS = {"impatient": ["alpha", "beta"], "alice": ["alpha", "beta"], "bob":
 
 
 def _post(url_port: int, body: dict, token: str, timeout: float) -> tuple[int, dict, dict]:
-    import http.client
+    from serverkit import post_generate
 
-    conn = http.client.HTTPConnection("127.0.0.1", url_port, timeout=timeout)
-    try:
-        conn.request("POST", "/v1/generate", body=json.dumps(body),
-                     headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
-        res = conn.getresponse()
-        return res.status, {k.lower(): v for k, v in res.getheaders()}, json.loads(res.read())
-    finally:
-        conn.close()
+    return post_generate(url_port, body, token, timeout)
 
 
 def burst_store(root: Path, backbone: Path) -> tuple[Path, dict[str, str]]:
     """Sources alpha / beta / gamma (tests/serverkit.py) with 4-step compartments on ``backbone``; the keys."""
-    from serverkit import CFG, small_parts
+    from serverkit import build_store
 
-    from cdm.backbone import Backbone
-    from cdm.operations import add_source
-
-    bb = Backbone.from_pretrained(backbone)
-    tokens = {}
-    with Store.create(root / "store") as st:
-        for name, src in small_parts().items():
-            add_source(st, bb, src, name=name, cfg=CFG, progress=False, actor="benchmark")
-        for name, grants in BURST_KEYS.items():
-            tokens[name], _ = create_key(st, name, sources=grants, actor="benchmark")
-    return root / "store", tokens
+    store, _, tokens = build_store(root, BURST_KEYS, backbone=backbone)
+    return store, tokens
 
 
 def burst(argv: list[str]) -> None:

@@ -42,10 +42,12 @@ def small_parts():
     return {"alpha": low, "beta": high, "gamma": mixed}
 
 
-def build_store(root: Path, keys: dict[str, list[str] | None]) -> tuple[Path, Path, dict[str, str]]:
+def build_store(root: Path, keys: dict[str, list[str] | None],
+                backbone: Path | None = None) -> tuple[Path, Path, dict[str, str]]:
     """A store with sources alpha (digits 0-4), beta (5-9), gamma (mixed), one tiny compartment each, and the
-    given keys (name -> granted sources; None: admin). Returns (store, backbone dir, name -> token)."""
-    bb_dir = tiny_backbone(root / "bb")
+    given keys (name -> granted sources; None: admin), on ``backbone`` (default: a tiny random one). Returns
+    (store, backbone dir, name -> token)."""
+    bb_dir = backbone or tiny_backbone(root / "bb")
     bb = Backbone.from_pretrained(bb_dir)
     tokens = {}
     with Store.create(root / "store") as st:
@@ -134,3 +136,18 @@ def multipart(fields: dict[str, str], files: dict[str, tuple[str, bytes]]) -> tu
                    f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n")
     out.append(f"--{boundary}--\r\n".encode())
     return b"".join(out), f"multipart/form-data; boundary={boundary}"
+
+
+def post_generate(port: int, body: dict, token: str, timeout: float = 120.0) -> tuple[int, dict, dict]:
+    """POST /v1/generate on 127.0.0.1:``port``: (status, headers with lower-case names, json)."""
+    import http.client
+    import json
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("POST", "/v1/generate", body=json.dumps(body),
+                     headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+        res = conn.getresponse()
+        return res.status, {k.lower(): v for k, v in res.getheaders()}, json.loads(res.read())
+    finally:
+        conn.close()

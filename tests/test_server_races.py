@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from serverkit import Server, build_store, small_parts
+from serverkit import Server, build_store, post_generate, small_parts
 
 KEYS = {"admin": None, "hb": ["alpha", "beta"], "imp": ["alpha"], "other": ["beta", "gamma"], "third": ["gamma"]}
 TINY = {"n": 1, "steps": 2}
@@ -63,14 +63,7 @@ def _in_thread(results, name, fn, *args, **kwargs) -> threading.Thread:
 
 def _post(srv, body, token, timeout=120.0):
     """POST /v1/generate: (status, headers, json)."""
-    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=timeout)
-    try:
-        conn.request("POST", "/v1/generate", body=json.dumps(body),
-                     headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
-        res = conn.getresponse()
-        return res.status, {k.lower(): v for k, v in res.getheaders()}, json.loads(res.read())
-    finally:
-        conn.close()
+    return post_generate(srv.port, body, token, timeout)
 
 
 def _abandon(srv, body, token, after: float) -> str:

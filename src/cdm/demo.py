@@ -20,6 +20,7 @@ from .backbone import Backbone
 from .compartments import CompartmentConfig
 from .data import load_source
 from .evaluation import DigitClassifier, classify, judge, score_samples
+from .generation import class_labels
 from .io import atomic_write_bytes, atomic_write_json
 from .operations import add_source, attribute_samples, forget_source, generate_from_store
 from .store import Store
@@ -63,9 +64,7 @@ def run_demo(out: Path, *, backbone: Path, classifier: Path, per_class: int = 10
 
     # 1. the backbone
     t0 = time.perf_counter()
-    c = bb.config
-    digits = [k for k in range(c.num_classes) if k != c.null_class]
-    gen = generate_from_store(None, bb, labels=np.repeat(digits, per_class), guidance=2.0, steps=50, seed=seed,
+    gen = generate_from_store(None, bb, labels=class_labels(bb, per_class=per_class), guidance=2.0, steps=50, seed=seed,
                               progress=progress)
     images, labels = gen.images, gen.labels
     write_samples(out, "backbone", images, labels, nrow=per_class)

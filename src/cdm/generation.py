@@ -12,7 +12,7 @@ import torch
 from .backbone import Backbone, PixelCodec
 from .sampling import Denoiser, NoiseSchedule, classifier_free_guidance, sample
 
-__all__ = ["MAX_SAMPLES", "generate", "sample_backbone"]
+__all__ = ["MAX_SAMPLES", "class_labels", "generate", "sample_backbone"]
 
 MAX_SAMPLES = 100_000  # one call; larger requests are refused rather than exhausting memory
 
@@ -76,19 +76,28 @@ def generate(
     return np.concatenate(out), (None if labels is None else np.asarray(labels, dtype=np.int64))
 
 
-def sample_backbone(backbone: Backbone, per_class: int = 10, classes: list[int] | None = None,
-                    eps: Denoiser | None = None, **kwargs):
-    """``per_class`` images of each class (default: all real classes, i.e. every label but the null one), from
-    the backbone or from ``eps`` (e.g. a compartment's denoiser on this backbone)."""
+def class_labels(backbone: Backbone, classes: list[int] | None = None, per_class: int = 10) -> np.ndarray:
+    """``per_class`` labels of each class in ``classes`` (default: every real class, i.e. every label but the
+    null one), checked against the backbone. ValueError for a class it lacks or an unconditional backbone."""
     c = backbone.config
     if classes is None:
-        classes = [k for k in range(c.num_classes) if k != c.null_class]
+        classes = [k for k in range(max(c.num_classes, 0)) if k != c.null_class]
+        if not classes:
+            raise ValueError("this backbone is unconditional: ask for n unconditional images")
     bad = [k for k in classes if not 0 <= k < c.num_classes or k == c.null_class]
     if bad:
         raise ValueError(f"classes {bad} are not classes of this backbone (0..{c.num_classes - 1}, null class "
                          f"{c.null_class} excluded)")
     if per_class < 1:
         raise ValueError(f"per_class must be >= 1, got {per_class}")
-    labels = np.repeat(np.asarray(classes, dtype=np.int64), per_class)
-    return generate(eps or backbone.eps, schedule=backbone.schedule, codec=backbone.codec, labels=labels,
-                    null_class=c.null_class, in_chans=c.in_chans, **kwargs)
+    return np.repeat(np.asarray(classes, dtype=np.int64), per_class)
+
+
+def sample_backbone(backbone: Backbone, per_class: int = 10, classes: list[int] | None = None,
+                    eps: Denoiser | None = None, **kwargs):
+    """``per_class`` images of each class (default: all real classes, i.e. every label but the null one), from
+    the backbone or from ``eps`` (e.g. a compartment's denoiser on this backbone)."""
+    c = backbone.config
+    return generate(eps or backbone.eps, schedule=backbone.schedule, codec=backbone.codec,
+                    labels=class_labels(backbone, classes, per_class), null_class=c.null_class, in_chans=c.in_chans,
+                    **kwargs)

@@ -151,6 +151,7 @@ def sample(
     import numpy as np
 
     from ..backbone import Backbone
+    from ..generation import class_labels
     from ..io import atomic_write_bytes
     from ..operations import generate_from_store, store_backbone
     from ..viz import write_samples
@@ -168,19 +169,7 @@ def sample(
     st = _open_store(store) if store is not None else None
     try:
         bb = store_backbone(st, backbone) if st is not None else Backbone.from_pretrained(backbone or DEFAULT_BACKBONE)
-        labels = None
-        if n is None:
-            c = bb.config
-            wanted = wanted if wanted is not None else [k for k in range(max(c.num_classes, 0)) if k != c.null_class]
-            if not wanted:
-                raise CdmError("this backbone is unconditional: use --n N")
-            bad = [k for k in wanted if not 0 <= k < c.num_classes or k == c.null_class]
-            if bad:
-                raise CdmError(f"--classes {bad} are not classes of this backbone (0..{c.num_classes - 1}, null class "
-                               f"{c.null_class} excluded)")
-            if per_class < 1:
-                raise CdmError(f"--per-class must be >= 1, got {per_class}")
-            labels = np.repeat(np.asarray(wanted, dtype=np.int64), per_class)
+        labels = None if n is not None else class_labels(bb, wanted, per_class)  # ValueError: one line
         gen = generate_from_store(st, bb, names, labels=labels, n=n, weighting=_value(weighting),
                                   solver=_value(solver), steps=steps, guidance=guidance, seed=seed, threshold=sparse,
                                   bf16=bf16, progress=True)
@@ -376,23 +365,19 @@ def add(
 def paragon(
     store: Path = _store_option(),
     sources: str | None = typer.Option(None, help="Comma-separated source names (default: all)."),
-    steps: int = typer.Option(_CC.steps, help="Optimiser steps."),
-    prompts: int = typer.Option(_CC.n_prompts, help="Prompt tokens per block (P)."),
-    unconditional: bool = typer.Option(False, help="One prompt set instead of one per class."),
-    batch_size: int = typer.Option(_CC.batch_size, help="Samples per optimiser step."),
-    lr: float = typer.Option(_CC.lr, help="Learning rate (Adam, cosine schedule)."),
-    seed: int = typer.Option(_CC.seed, help="Seed of prompts, batches and noise (training is deterministic)."),
+    steps: int | None = typer.Option(None, help="Optimiser steps (default: the compartments' steps added up, the "
+                                     "same budget); prompt table, lr and seed are the compartments' own."),
     backbone: Path | None = _backbone_option(),
     threads: int | None = _threads_option(),
 ) -> None:
     """Train the paragon: one compartment with the same prompt budget on the union of the sources."""
-    from ..operations import store_backbone, train_paragon
+    from ..operations import paragon_config, store_backbone, train_paragon
 
     _threads(threads)
-    cfg = _compartment_config(steps, prompts, unconditional, seed, batch_size, lr)
     with _open_store(store) as st:
-        out = train_paragon(st, store_backbone(st, backbone), cfg=cfg,
-                            sources=sources.split(",") if sources else None)
+        names = [s for s in sources.split(",") if s] if sources else [s["id"] for s in st.sources()]
+        out = train_paragon(st, store_backbone(st, backbone), cfg=paragon_config(st, names, steps) if names else None,
+                            sources=names)
     rec = out.record
     console.print(f"paragon on {rec.source['n']} samples: {rec.steps_done} steps, {rec.wall_seconds:.1f} s"
                   + _learned_note(rec))

@@ -23,7 +23,7 @@ from ..training.record import TrainingRecord
 from .results import Added, Retrain, SamplesForgotten, SourceForgotten, StoredCompartment
 
 __all__ = ["PARAGON", "add_source", "add_source_dp", "check_add", "forget_samples", "forget_source",
-           "load_compartment", "source_data", "store_backbone", "train_paragon"]
+           "load_compartment", "paragon_config", "source_data", "store_backbone", "train_paragon"]
 
 PARAGON = "paragon"
 
@@ -166,13 +166,30 @@ def add_source_dp(store: Store, backbone: Backbone, source: Source, *, name: str
     return add_source(store, backbone, source, name=name, cfg=cfg, dp=dp, **kwargs)
 
 
-def train_paragon(store: Store, backbone: Backbone, *, cfg: CompartmentConfig, sources: list[str] | None = None,
-                  actor: str | None = None, max_minutes: float | None = None, progress: bool = True) -> Added:
-    """The paper's "no split" reference: one compartment with the same prompt budget trained on the union."""
+def paragon_config(store: Store, names: list[str], steps: int | None = None) -> CompartmentConfig:
+    """The paragon's config: the sources' compartments' own (prompt count, conditioning, gating, lr ...), with
+    their steps added up (the same budget as the compartments together) unless ``steps`` is given. Refused when
+    the compartments were trained with different prompt tables (no single paragon matches them)."""
+    cfgs = [CompartmentConfig.from_dict(store.compartment(n)["manifest"]["config"]) for n in names]
+    shapes = {(c.n_prompts, c.conditional, c.gated) for c in cfgs}
+    if len(shapes) > 1:
+        raise CdmError(f"the compartments of {', '.join(names)} have different prompt tables (n_prompts, "
+                       f"conditional, gated: {sorted(shapes)}): no paragon has the same budget")
+    from dataclasses import replace
+
+    return replace(cfgs[0], steps=steps if steps is not None else sum(c.steps for c in cfgs))
+
+
+def train_paragon(store: Store, backbone: Backbone, *, cfg: CompartmentConfig | None = None,
+                  sources: list[str] | None = None, actor: str | None = None, max_minutes: float | None = None,
+                  progress: bool = True) -> Added:
+    """The paper's "no split" reference: one compartment with the same prompt budget trained on the union
+    (``cfg`` default: :func:`paragon_config`)."""
     names = sources or [s["id"] for s in store.sources()]
     if not names:
         raise StoreError("the store has no sources to train a paragon on")
     _require_store_backbone(store, backbone)
+    cfg = cfg if cfg is not None else paragon_config(store, names)
     union = concat_sources([source_data(store, n) for n in names], id="+".join(names))
     comp, record = train_compartment(backbone, union, cfg, work_dir=store.work_dir(PARAGON, sources=names),
                                      max_minutes=max_minutes, progress=progress)
