@@ -10,6 +10,10 @@ import pytest
 from PIL import Image
 
 from cdm.data import (
+    MNIST_SPEC,
+    concat_sources,
+    ImageSpec,
+    fit,
     PUBLIC_PER_CLASS,
     Source,
     glyphs,
@@ -21,6 +25,7 @@ from cdm.data import (
     split_by_classes,
     split_stratified,
 )
+from cdm.data.files import to_mnist_style
 from cdm.errors import DataError
 
 
@@ -170,7 +175,10 @@ def test_without_ambiguous_prefix() -> None:
 
 def test_source_validation() -> None:
     with pytest.raises(DataError, match="shape"):
-        Source("x", np.zeros((2, 28, 27), np.uint8))
+        Source("x", np.zeros((2, 28, 27, 2), np.uint8))  # (any H x W is an image; 2 channels is not)
+    with pytest.raises(DataError, match="shape"):
+        Source("x", np.zeros((2, 28), np.uint8))
+    assert Source("x", np.zeros((2, 28, 27), np.uint8)).spec == ImageSpec(28, 27, 1)
     with pytest.raises(DataError, match="uint8"):
         Source("x", np.zeros((2, 28, 28), np.float32))
     with pytest.raises(DataError, match="labels must lie"):
@@ -307,13 +315,9 @@ def test_load_folder_errors(tmp_path: Path) -> None:
     colour = np.zeros((28, 28, 3), np.uint8)
     colour[..., 0] = 200
     _save(tmp_path / "colour" / "c.png", colour)
-    with pytest.raises(DataError, match=r"c\.png: is a colour image; cdm models are single-channel"):
+    _save(tmp_path / "colour" / "d.png", np.zeros((30, 30, 3), np.uint8))
+    with pytest.raises(DataError, match=r"colour images of different sizes \(28x28 and 30x30\): give an image spec"):
         load_folder(tmp_path / "colour")
-
-    alpha = np.zeros((28, 28, 4), np.uint8)
-    _save(tmp_path / "alpha" / "a.png", alpha)
-    with pytest.raises(DataError, match="transparent"):
-        load_folder(tmp_path / "alpha")
 
     (tmp_path / "corrupt").mkdir()
     (tmp_path / "corrupt" / "x.png").write_bytes(b"this is not a png at all")
@@ -355,8 +359,15 @@ def test_npz_variants(tmp_path: Path) -> None:
     assert np.array_equal(a.images, imgs) and a.classes == ("0", "1", "2") and a.labels.dtype == np.int64
     big = np.stack([_digit(size=56, seed=s) for s in range(3)])
     np.savez(tmp_path / "b.npz", images=big, labels=np.array([0, 1, 0]), classes=np.array(["x", "y"]))
-    b = load_npz(tmp_path / "b.npz")
-    assert b.images.shape == (3, 28, 28) and b.classes == ("x", "y")
+    b = load_npz(tmp_path / "b.npz")  # kept as stored; fit() resizes (the MNIST-style 28x28 of a grey folder)
+    assert b.images.shape == (3, 56, 56) and b.classes == ("x", "y")
+    small = fit(b, MNIST_SPEC)
+    assert small.images.shape == (3, 28, 28) and small.labels.tolist() == [0, 1, 0]
+    assert small.id.endswith("@28x28-grey")
+    assert np.array_equal(small.images[0], to_mnist_style(big[0], "b", invert=False))
+    wide = np.zeros((2, 20, 30, 3), np.uint8)
+    np.savez(tmp_path / "w.npz", images=wide)
+    assert load_npz(tmp_path / "w.npz").spec == ImageSpec(20, 30, 3)
 
 
 def test_npz_errors(tmp_path: Path) -> None:
@@ -369,7 +380,7 @@ def test_npz_errors(tmp_path: Path) -> None:
     bad("shape.npz", r"shape \(3, 28\), expected", images=np.zeros((3, 28), np.uint8))
     bad("float.npz", "dtype float32, expected uint8", images=imgs.astype(np.float32))
     bad("object.npz", "object array", images=np.array([imgs[0], None], dtype=object))
-    bad("square.npz", "expected square", images=np.zeros((3, 28, 30), np.uint8))
+    bad("rgba.npz", r"expected \(N, H, W\) grey or \(N, H, W, 3\) RGB", images=np.zeros((3, 28, 30, 4), np.uint8))
     bad("empty.npz", "no images", images=np.zeros((0, 28, 28), np.uint8))
     bad("n.npz", r"expected \(3,\)", images=imgs, labels=np.array([0, 1]))
     bad("neg.npz", "non-negative", images=imgs, labels=np.array([0, -1, 1]))
@@ -429,3 +440,37 @@ def test_load_source_unknown() -> None:
     assert "mnist/protected" in str(err.value) and "glyphs" in str(err.value) and "strat" in str(err.value)
     with pytest.raises(DataError, match="part 8 does not exist"):
         load_source("mnist/strat8-8")
+
+
+def test_colour_folders_and_fitting(tmp_path: Path) -> None:
+    """Colour images are RGB sources: transparency composited onto the background, their own size kept; fit()
+    converts channels and size with a stated filter; hashes are over the stored bytes."""
+    rgb = np.zeros((16, 16, 3), np.uint8)
+    rgb[..., 0] = 200
+    _save(tmp_path / "c" / "red" / "a.png", rgb)
+    alpha = np.zeros((16, 16, 4), np.uint8)
+    alpha[:8, :, 2] = 255
+    alpha[:8, :, 3] = 255  # top half opaque blue, bottom half transparent
+    _save(tmp_path / "c" / "blue" / "b.png", alpha)
+    _save(tmp_path / "c" / "grey" / "g.png", np.full((16, 16), 77, np.uint8))
+    src = load_folder(tmp_path / "c")
+    assert src.spec == ImageSpec(16, 16, 3) and src.classes == ("blue", "grey", "red")
+    blue, grey, red = src.images
+    assert (blue[:8] == [0, 0, 255]).all() and (blue[8:] == 255).all()  # onto white
+    assert (grey == 77).all() and (red == [200, 0, 0]).all()
+    black = load_folder(tmp_path / "c", background=(0, 0, 0))
+    assert (black.images[0][8:] == 0).all()
+    assert src.sample_hashes[2] == hashlib.sha256(red.tobytes()).hexdigest()
+    big = fit(src, ImageSpec(32, 24, 3), filter="nearest")
+    assert big.images.shape == (3, 32, 24, 3) and (big.images[2] == [200, 0, 0]).all()
+    assert fit(src, src.spec) is src
+    grey_src = fit(src, ImageSpec(16, 16, 1))
+    assert grey_src.spec == ImageSpec(16, 16, 1) and int(grey_src.images[1].mean()) == 77
+    with pytest.raises(DataError, match="unknown resize filter"):
+        fit(src, ImageSpec(8, 8, 3), filter="sinc")
+    stated = load_folder(tmp_path / "c", spec=ImageSpec(8, 8, 3))
+    assert stated.images.shape == (3, 8, 8, 3)
+    with pytest.raises(DataError, match="channels must be 1 \\(grey\\) or 3"):
+        ImageSpec(8, 8, 4)
+    with pytest.raises(DataError, match="share their image spec"):
+        concat_sources([src, grey_src], id="x")

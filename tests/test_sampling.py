@@ -25,8 +25,13 @@ def gaussian_eps(mu: torch.Tensor, s: float, schedule: NoiseSchedule):
     return eps
 
 
+# cdm's own schedules; U-ViT's (vpsde, ddpm_linear) have their alphas checked against the formulas below, and
+# vpsde (betas of its own) runs through every solver there
+SOLVER_SCHEDULES = sorted(set(SCHEDULES) - {"vpsde", "ddpm_linear"})
+
+
 @pytest.mark.parametrize("solver", sorted(SOLVERS))
-@pytest.mark.parametrize("schedule_name", sorted(SCHEDULES))
+@pytest.mark.parametrize("schedule_name", SOLVER_SCHEDULES)
 class TestSolver:
     def test_reproduces_a_gaussian(self, solver, schedule_name):
         schedule = NoiseSchedule(schedule_name)
@@ -125,3 +130,37 @@ def test_ancestral_solver_is_finite_at_every_step_count_and_matches_diffusers():
         for t in ref.timesteps:
             y = ref.step(eps(y, t), t, y, eta=1.0, use_clipped_model_output=True, generator=g).prev_sample
         assert torch.allclose(ours, y, atol=1e-4), clip
+
+
+def test_vpsde_alphas_match_the_continuous_formula():
+    """U-ViT's VP-SDE (sde.VPSDE: beta 0.1 -> 20, cum_alpha = exp(-int_0^s beta)) on the grid the network sees:
+    integer t is their continuous s = t / 999 (they feed the network s * 999)."""
+    from cdm.sampling.schedule import VPSDE_S0
+
+    abar = NoiseSchedule("vpsde").alphas_cumprod  # through diffusers (trained_betas, float32 cumprod)
+    s = torch.arange(1000, dtype=torch.float64) / 999
+    s[0] = VPSDE_S0  # t = 0 would be s = 0, abar = 1 (no noise): the grid uses their smallest sampling time
+    want = torch.exp(-(0.1 * s + (20 - 0.1) * s**2 / 2))
+    torch.testing.assert_close(abar, want, rtol=2e-6, atol=0)
+    # the mean coefficient sqrt(abar) in Song et al.'s form, and the two ends
+    torch.testing.assert_close(abar.sqrt(), torch.exp(-(20 - 0.1) * s**2 / 4 - 0.1 * s / 2), rtol=2e-6, atol=0)
+    assert abs(abar[999].item() - math.exp(-10.05)) < 1e-9 and 0.9998 < abar[0].item() < 1
+    assert abar[1].item() == pytest.approx(math.exp(-(0.1 / 999 + 19.9 / 999**2 / 2)), rel=1e-6)
+
+
+def test_ddpm_linear_alphas_match_the_formula():
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    torch.testing.assert_close(NoiseSchedule("ddpm_linear").alphas_cumprod, torch.cumprod(1 - betas, 0), rtol=2e-5,
+                               atol=0)
+
+
+@pytest.mark.parametrize("solver", sorted(SOLVERS))
+def test_vpsde_reproduces_a_gaussian_and_is_finite_at_t0(solver):
+    """1000 steps visit t = 0, where abar_0 = 1 (s = 0) made every solver divide 0 by 0."""
+    sched = NoiseSchedule("vpsde")
+    mu = torch.tensor([0.3, -0.2]).view(1, 2, 1, 1)
+    eps = gaussian_eps(mu, 0.2, sched)
+    noise = torch.randn(1000, 2, 1, 1, generator=torch.Generator().manual_seed(0))
+    x = sample(eps, noise, schedule=sched, solver=solver, steps=1000, generator=torch.Generator().manual_seed(1))
+    assert torch.isfinite(x).all() and torch.allclose(x.mean(0), mu[0], atol=0.03)
+    assert abs((x - mu).std().item() - 0.2) < 0.01

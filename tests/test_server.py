@@ -361,7 +361,7 @@ def test_sources_lists_weightings_learned_and_limits(served):
     srv, store, tokens = served
     status, me = srv.request("GET", "/v1/sources", token=tokens["ab"])
     assert status == 200 and me["weightings"] == ["ito", "naive", "single"]  # no heads trained in this store
-    assert me["limits"] == {"max_n": 16, "max_steps": 200, "per_key_queue": 4}
+    assert me["limits"] == {"max_n": 16, "max_steps": 200, "per_key_queue": 4, "classes": 10}
     with Store.open(store) as st:  # what the compartment's manifest says (None: it does not)
         want = {s["name"]: st.compartment(s["name"])["manifest"].get("learned") for s in me["sources"]}
     assert {s["name"]: s["learned"] for s in me["sources"]} == want

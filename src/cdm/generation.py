@@ -31,7 +31,7 @@ def generate(
     seed: int = 0,
     bf16: bool = False,
     batch_size: int = 250,
-    in_chans: int = 1,
+    in_chans: int | None = None,
     progress: bool = False,
     trajectories: list | None = None,
     clip: bool | None = None,
@@ -41,7 +41,8 @@ def generate(
     The initial noise of all images comes from one generator seeded with ``seed``, so deterministic solvers
     do not depend on ``batch_size``. A stateful denoiser (a composed one: path state, gates, weights) is
     ``reset()`` before each batch; if ``trajectories`` is a list, each batch's weight trajectory is appended.
-    ``clip``: clip x_0 predictions to [-1, 1] (default: what the codec says, ``codec.clip_x0``).
+    ``clip``: clip x_0 predictions to [-1, 1] (default: what the codec says, ``codec.clip_x0``). ``in_chans``:
+    the model's channels (default: the codec's).
     """
     if labels is None and n is None:
         raise ValueError("give labels (class-conditional) or n (unconditional)")
@@ -49,6 +50,7 @@ def generate(
     if not 1 <= count <= MAX_SAMPLES:
         raise ValueError(f"number of images must be in 1..{MAX_SAMPLES}, got {count}")
     clip = bool(getattr(codec, "clip_x0", False)) if clip is None else clip
+    in_chans = getattr(codec, "channels", 1) if in_chans is None else in_chans
     base = eps
     if guidance != 1.0:
         if labels is None or null_class is None:

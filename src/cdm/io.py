@@ -1,9 +1,10 @@
 """Weights on disk: a directory holding ``config.json`` + ``model.safetensors`` (+ optional JSON records).
 
-cdm never reads pickles. ``torch.load`` is not called anywhere in the project: a ``.pt``/``.pth``/``.ckpt``
-file offered as weights is refused before it is opened. Every write goes to a temporary file in the same
-directory and is renamed into place (``os.replace`` is atomic on POSIX), so a crash leaves either the old or
-the new file, never half of one.
+cdm never reads pickles. A ``.pt``/``.pth``/``.ckpt`` file offered as weights is refused before it is opened;
+the one reader of such files is ``cdm import-uvit`` (:mod:`cdm.backbone.convert`), which calls
+``torch.load(weights_only=True)`` only, so a checkpoint that needs code to unpickle is refused. Every write goes
+to a temporary file in the same directory and is renamed into place (``os.replace`` is atomic on POSIX), so a
+crash leaves either the old or the new file, never half of one.
 """
 
 from __future__ import annotations

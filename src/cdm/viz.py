@@ -1,4 +1,4 @@
-"""Image grids as PNG (white ink on black, like the data), and sample sets as ``.npz`` with their grid."""
+"""Image grids as PNG (grey or RGB, like the data), and sample sets as ``.npz`` with their grid."""
 
 from __future__ import annotations
 
@@ -14,16 +14,19 @@ __all__ = ["grid", "save_grid", "write_samples"]
 
 
 def grid(images: np.ndarray, nrow: int | None = None, pad: int = 2, scale: int = 2) -> np.ndarray:
-    """Tile uint8 (N, H, W) images into one uint8 image, ``nrow`` images per row."""
+    """Tile uint8 images, (N, H, W) grey or (N, H, W, 3) RGB, into one uint8 image, ``nrow`` images per row."""
     images = np.asarray(images)
-    n, h, w = images.shape
+    n, h, w = images.shape[:3]
+    extra = images.shape[3:]  # () grey, (3,) RGB
     nrow = nrow or int(np.ceil(np.sqrt(n)))
     rows = int(np.ceil(n / nrow))
-    out = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad), 64, dtype=np.uint8)
+    out = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, *extra), 64, dtype=np.uint8)
     for i, img in enumerate(images):
         r, c = divmod(i, nrow)
         out[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = img
-    return np.kron(out, np.ones((scale, scale), dtype=np.uint8)) if scale > 1 else out
+    if scale > 1:
+        out = out.repeat(scale, axis=0).repeat(scale, axis=1)
+    return out
 
 
 def save_grid(images: np.ndarray, path: str | Path, nrow: int | None = None, scale: int = 2) -> None:
@@ -33,9 +36,13 @@ def save_grid(images: np.ndarray, path: str | Path, nrow: int | None = None, sca
 
 
 def write_samples(out: Path, name: str, images: np.ndarray, labels: np.ndarray | None, nrow: int) -> None:
-    """``name.npz`` (images uint8 N x 28 x 28, labels) and ``name.png`` (a grid), atomically."""
+    """``name.npz`` (images uint8 N x H x W or N x H x W x 3, labels, and the image spec as ``height``,
+    ``width``, ``channels``) and ``name.png`` (a grid), atomically."""
     out.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
-    np.savez_compressed(buf, images=images, **({} if labels is None else {"labels": labels}))
+    images = np.asarray(images)
+    spec = {"height": np.int64(images.shape[1]), "width": np.int64(images.shape[2]),
+            "channels": np.int64(images.shape[3] if images.ndim == 4 else 1)}
+    np.savez_compressed(buf, images=images, **spec, **({} if labels is None else {"labels": labels}))
     atomic_write_bytes(out / f"{name}.npz", buf.getvalue())
     save_grid(images, out / f"{name}.png", nrow=nrow)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..data.spec import ImageSpec
 from ..errors import DataError
 
 __all__ = ["PixelCodec"]
@@ -23,13 +24,24 @@ __all__ = ["PixelCodec"]
 class PixelCodec:
     data_size: int = 28  # side of stored images
     model_size: int = 14  # side of the images the denoiser sees (data_size must be a multiple)
+    channels: int = 1  # 1: grey, stored (N, H, W); 3: RGB, stored (N, H, W, 3)
 
     def __post_init__(self) -> None:
         if self.data_size % self.model_size:
             raise ValueError(f"data_size {self.data_size} is not a multiple of model_size {self.model_size}")
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {self.channels}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.channels == 1:  # grey codecs keep the config they always had
+            del d["channels"]
+        return d
+
+    @property
+    def spec(self) -> ImageSpec:
+        """The stored images it takes and gives back."""
+        return ImageSpec(self.data_size, self.data_size, self.channels)
 
     @property
     def clip_x0(self) -> bool:
@@ -37,18 +49,19 @@ class PixelCodec:
         return True
 
     def encode(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """uint8 (N, H, W) -> float (N, 1, m, m) in [-1, 1]."""
+        """uint8 (N, H, W) -> float (N, 1, m, m) in [-1, 1]; RGB: uint8 (N, H, W, 3) -> float (N, 3, m, m)."""
         x = torch.as_tensor(np.array(images, copy=True))
-        if x.dtype != torch.uint8 or x.ndim != 3 or tuple(x.shape[1:]) != (self.data_size, self.data_size):
-            raise DataError(f"expected uint8 images (N, {self.data_size}, {self.data_size}), "
-                            f"got {x.dtype} {tuple(x.shape)}")
-        x = x.float().unsqueeze(1) / 127.5 - 1.0
+        shape = (self.data_size, self.data_size) + ((self.channels,) if self.channels > 1 else ())
+        if x.dtype != torch.uint8 or tuple(x.shape[1:]) != shape:
+            raise DataError(f"expected uint8 images (N, {', '.join(map(str, shape))}), got {x.dtype} {tuple(x.shape)}")
+        x = x.float().unsqueeze(1) / 127.5 - 1.0 if self.channels == 1 else x.float().permute(0, 3, 1, 2) / 127.5 - 1.0
         k = self.data_size // self.model_size
         return F.avg_pool2d(x, k) if k > 1 else x
 
     def decode(self, x: torch.Tensor) -> np.ndarray:
-        """float (N, 1, m, m) in [-1, 1] -> uint8 (N, H, W)."""
+        """float (N, 1, m, m) in [-1, 1] -> uint8 (N, H, W); RGB: float (N, 3, m, m) -> uint8 (N, H, W, 3)."""
         x = x.detach().float().cpu()
         if self.model_size != self.data_size:
             x = F.interpolate(x, size=(self.data_size, self.data_size), mode="bilinear", align_corners=False)
-        return ((x[:, 0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+        x = x[:, 0] if self.channels == 1 else x.permute(0, 2, 3, 1).contiguous()
+        return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()

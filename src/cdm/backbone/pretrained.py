@@ -107,10 +107,15 @@ class Backbone:
         cfg = read_json(path / CONFIG_NAME)
         if cfg.get("kind") != KIND:
             raise WeightsError(f"{path / CONFIG_NAME}: kind is {cfg.get('kind')!r}, expected {KIND!r}")
+        codec_cfg = dict(cfg.get("codec", {}))
+        if codec_cfg.get("kind", "pixels") != "pixels":
+            raise WeightsError(f"{path}: a {codec_cfg['kind']} backbone (it works on an autoencoder's latents, "
+                               f"{codec_cfg.get('autoencoder', 'not named')}); latent mode is not built yet")
+        codec_cfg.pop("kind", None)
         try:
             net = UViT(UViTConfig.from_dict(cfg["model"]))
             schedule = NoiseSchedule(**cfg.get("schedule", {}))
-            codec = PixelCodec(**cfg.get("codec", {}))
+            codec = PixelCodec(**codec_cfg)
         except (KeyError, TypeError, ValueError) as e:
             raise WeightsError(f"{path / CONFIG_NAME}: invalid config ({e})") from None
         load_strict(net, load_state_dict(path / WEIGHTS_NAME), path / WEIGHTS_NAME)

@@ -46,11 +46,14 @@ class UViTConfig:
     qkv_bias: bool = False  # the reference default: no bias on qkv
     mlp_time_embed: bool = True  # time token = MLP(sinusoid) instead of the bare sinusoid
     num_classes: int = 11  # rows of label_emb (reference semantics: -1 = unconditional, no label token)
-    null_class: int | None = 10  # the label row used as "no condition" for classifier-free guidance
+    null_class: int | None = 10  # the label row used as "no condition" for classifier-free guidance (None when
+    #                              unconditional: num_classes <= 0 implies it, whatever is passed)
     conv: bool = True  # 3x3 final_layer conv after unpatchify
     skip: bool = True  # long skip connections (skip_linear) in the out-blocks
 
     def __post_init__(self) -> None:
+        if self.num_classes <= 0 and self.null_class is not None:  # an unconditional U-ViT has no label rows
+            object.__setattr__(self, "null_class", None)
         if self.img_size % self.patch_size:
             raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
         if self.embed_dim % self.num_heads:

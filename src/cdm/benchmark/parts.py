@@ -206,7 +206,8 @@ def attribution(bench: Bench) -> dict:
     settings = {"two_domain": (bench.two_domain_store(conditional=True), list(DOMAINS)),
                 "same_domain": bench.stratified_store(min(bench.p.splits))[:2]}
     m = bench.bb.codec.model_size
-    noise = torch.randn((bench.p.attribution_n, 1, m, m), generator=torch.Generator().manual_seed(bench.p.seed + 5))
+    noise = torch.randn((bench.p.attribution_n, bench.bb.config.in_chans, m, m),
+                        generator=torch.Generator().manual_seed(bench.p.seed + 5))
     res = {}
     for key, (st, names) in settings.items():
         with st:

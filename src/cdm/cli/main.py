@@ -12,6 +12,8 @@ import typer
 from rich.console import Console
 
 from ..compartments import CompartmentConfig
+from ..data import FILTERS
+from ..training.pretrain import PretrainConfig
 from ..composition.registry import REGISTRY, names as weighting_names
 from ..errors import CdmError
 from ..sampling import SCHEDULES, SOLVERS
@@ -23,6 +25,7 @@ console = Console(stderr=True, soft_wrap=True)
 DEFAULT_BACKBONE = shipped("backbone")  # package data (works from a wheel too)
 DEFAULT_CLASSIFIER = shipped("classifier")
 _CC = CompartmentConfig()  # the defaults of `cdm add` and `cdm paragon` are the config's (one place)
+_PC = PretrainConfig()  # and those of `cdm pretrain`
 
 
 def _choices(name: str, values) -> type[Enum]:
@@ -40,6 +43,7 @@ Density = _choices("Density", ("auto", "class-mixture", "prompt-row"))
 AttributionWeighting = _choices("AttributionWeighting", ("ode", *(k for k in weighting_names() if REGISTRY[k].heads)))
 Accountant = _choices("Accountant", ("rdp", "prv"))
 Profile = _choices("Profile", ("toy", "quick", "full"))
+Filter = _choices("Filter", FILTERS)
 WEIGHTING_HELP = "How composition weights are obtained: " + "; ".join(
     f"{k}: {REGISTRY[k].help}" for k in weighting_names()) + "."
 
@@ -92,10 +96,23 @@ def _command() -> str:
 @app.command()
 def pretrain(
     out: Path = typer.Option(..., help="Run directory: checkpoint, then the finished backbone bundle."),
+    data: str = typer.Option("", help="Source spec of PUBLIC images (a folder, an .npz ...); default: the public "
+                             "digits (and --glyphs)."),
+    data_size: int = typer.Option(_PC.data_size, help="Side of the stored square images the backbone takes "
+                                  "(the data is fitted to it)."),
+    channels: int = typer.Option(_PC.channels, help="1 grey or 3 RGB."),
+    image_size: int = typer.Option(_PC.img_size, help="Side the U-ViT sees (data_size must be a multiple: average "
+                                   "pooling in, bilinear upsampling out)."),
+    patch_size: int = typer.Option(_PC.patch_size, help="U-ViT patch side."),
+    embed_dim: int = typer.Option(_PC.embed_dim, help="U-ViT token width."),
+    depth: int = typer.Option(_PC.depth, help="U-ViT blocks (depth // 2 in, 1 mid, depth // 2 out)."),
+    heads: int = typer.Option(_PC.num_heads, help="Attention heads."),
+    unconditional: bool = typer.Option(False, help="No class token (labels ignored; no guidance)."),
     steps: int = typer.Option(4000, help="Total optimiser steps."),
-    batch_size: int = typer.Option(64, help="Images per optimiser step."),
-    lr: float = typer.Option(2e-3, help="Peak learning rate (AdamW)."),
+    batch_size: int = typer.Option(_PC.batch_size, help="Images per optimiser step."),
+    lr: float = typer.Option(_PC.lr, help="Peak learning rate (AdamW)."),
     lr_schedule: LrSchedule = typer.Option("cosine", help="Learning-rate schedule."),
+    schedule: Schedule = typer.Option(_PC.schedule, help="Noise schedule."),
     glyphs: int = typer.Option(0, help="Synthetic digit glyphs added to the 1,000 public MNIST digits."),
     public_digits: bool = typer.Option(True, help="--no-public-digits: glyphs only (a domain gap to the protected "
                                        "handwritten digits, the paper's setting)."),
@@ -103,13 +120,20 @@ def pretrain(
     max_minutes: float | None = typer.Option(None, help="Stop after a checkpoint once this long (resume later)."),
     threads: int | None = _threads_option(),
 ) -> None:
-    """Pretrain the class-conditional U-ViT backbone on PUBLIC data only (resumable, deterministic)."""
+    """Pretrain a U-ViT backbone on PUBLIC data only (resumable, deterministic)."""
     from ..training import PretrainConfig
     from ..training import pretrain as run
 
     _threads(threads)
-    cfg = PretrainConfig(steps=steps, batch_size=batch_size, lr=lr, lr_schedule=_value(lr_schedule), glyphs=glyphs,
-                         public_digits=public_digits, seed=seed)
+    try:
+        cfg = PretrainConfig(data=data, data_size=data_size, channels=channels, img_size=image_size,
+                             patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=heads,
+                             unconditional=unconditional, schedule=_value(schedule), steps=steps,
+                             batch_size=batch_size, lr=lr, lr_schedule=_value(lr_schedule), glyphs=glyphs,
+                             public_digits=public_digits, seed=seed)
+        cfg.model_config(), cfg.image_spec  # noqa: B018 (validates the architecture and image spec first)
+    except ValueError as e:
+        raise CdmError(f"pretrain: {e}") from None
     rec = run(cfg, out, max_minutes=max_minutes, command=_command())
     state = "finished" if rec["finished"] else "paused (run the same command to resume)"
     console.print(f"{state} at step {rec['steps_done']}/{steps}, loss {rec['final_loss']:.4f}, "
@@ -133,7 +157,7 @@ def sample(
     weighting: Weighting = typer.Option("ito", help=WEIGHTING_HELP),
     backbone: Path | None = typer.Option(None, help="Backbone directory or shipped:NAME (default: the store's, "
                                          "else the shipped one)."),
-    per_class: int = typer.Option(10, help="Images per class."),
+    per_class: int = typer.Option(10, help="Images per class (an unconditional backbone: images in all, unless --n)."),
     classes: str | None = typer.Option(None, help="Comma-separated class labels (default: all)."),
     n: int | None = typer.Option(None, help="Draw N unconditional images instead of per-class ones."),
     solver: Solver | None = typer.Option(None, help="Default: what the weighting needs (ddpm, the ancestral solver, "
@@ -151,9 +175,11 @@ def sample(
     import numpy as np
 
     from ..backbone import Backbone
+    from ..backbone.convert import latent_info
     from ..generation import class_labels
     from ..io import atomic_write_bytes
     from ..operations import generate_from_store, store_backbone
+    from ..shipped import path_of
     from ..viz import write_samples
 
     _threads(threads)
@@ -166,9 +192,16 @@ def sample(
     from ..composition.registry import resolve_solver
 
     resolve_solver(_value(weighting), len(names), _value(solver))  # refuse a wrong pair before loading anything
+    if backbone is not None and (latent := latent_info(path_of(backbone))) is not None:
+        raise CdmError(f"--backbone {backbone} is a latent U-ViT: it needs an autoencoder ({latent.get('weights')}), "
+                       "which cdm does not have yet, so it cannot be sampled")
     st = _open_store(store) if store is not None else None
     try:
         bb = store_backbone(st, backbone) if st is not None else Backbone.from_pretrained(backbone or DEFAULT_BACKBONE)
+        if n is None and bb.config.num_classes <= 0:  # an unconditional backbone has no classes: per_class images
+            if wanted:
+                raise CdmError("--classes: this backbone is unconditional (it has no classes); use --n")
+            n = per_class
         labels = None if n is not None else class_labels(bb, wanted, per_class)  # ValueError: one line
         gen = generate_from_store(st, bb, names, labels=labels, n=n, weighting=_value(weighting),
                                   solver=_value(solver), steps=steps, guidance=guidance, seed=seed, threshold=sparse,
@@ -222,7 +255,8 @@ def train_classifier_cmd(
 
 @app.command()
 def score(
-    samples: Path = typer.Argument(..., help="An .npz with images (uint8 N x 28 x 28) and optional labels."),
+    samples: Path = typer.Argument(..., help="An .npz with 28x28 grey digit images (uint8 N x 28 x 28) and optional "
+                                   "labels: the shipped classifier judges digits only."),
     reference: str = typer.Option("mnist/protected", help="Source spec of the real reference set."),
     classifier: Path = typer.Option(DEFAULT_CLASSIFIER, help="Classifier directory (FID features and judge)."),
 ) -> None:
@@ -287,6 +321,17 @@ def _compartment_config(steps: int, prompts: int, unconditional: bool, seed: int
                              batch_size=batch_size, lr=lr)
 
 
+def _fit_to(bb, source, fit_filter):
+    """The source's images as the backbone takes them (a note when they had to be resized or converted)."""
+    from ..data import fit
+
+    if source.spec == bb.codec.spec:
+        return source
+    fitted = fit(source, bb.codec.spec, filter=_value(fit_filter))
+    console.print(f"{source.id}: {source.spec} images fitted to the backbone's {bb.codec.spec} ({_value(fit_filter)})")
+    return fitted
+
+
 def _learned_note(rec) -> str:
     if rec.learned:
         return ""
@@ -315,6 +360,8 @@ def add(
     dp_clip: float = typer.Option(1.0, help="DP per-sample gradient clipping norm."),
     dp_augmult: int = typer.Option(1, help="DP: (t, noise) draws per sample, averaged before clipping."),
     dp_accountant: Accountant = typer.Option("rdp", help="DP accountant."),
+    fit_filter: Filter = typer.Option("lanczos", "--filter", help="Resize filter when the source's images differ "
+                                      "from the backbone's (size or channels)."),
 ) -> None:
     """Add a data source: register it and train its compartment (no other compartment changes)."""
     from ..backbone import Backbone
@@ -337,12 +384,14 @@ def add(
         st = Store.open(store)
         try:
             bb = store_backbone(st, backbone)
+            source = _fit_to(bb, source, fit_filter)
             check_add(bb, source, name=name, cfg=cfg, dp=dp)
         except BaseException:
             st.close()
             raise
     else:
         bb = Backbone.from_pretrained(backbone or DEFAULT_BACKBONE)
+        source = _fit_to(bb, source, fit_filter)
         check_add(bb, source, name=name, cfg=cfg, dp=dp)  # nothing is written before this passes
         st = Store.create(store, backbone_hash=bb.hash, backbone_ref=bb.ref)
     with st:
@@ -507,6 +556,35 @@ def train_router_cmd(
             console.print(f"{c.kind} '{c.cid}' on {', '.join(c.sources)}: {rec['steps']} steps, "
                           f"{rec['wall_seconds']:.1f} s, loss {rec['final_loss']:.4f}, held-out accuracy "
                           f"{rec['accuracy']:.3f}{chance}")
+
+
+@app.command("import-uvit")
+def import_uvit_cmd(
+    checkpoint: Path = typer.Argument(..., help="A baofff/U-ViT checkpoint: a .pth state dict (or one nested under "
+                                      "nnet_ema, ema, model, state_dict ...; EMA first), or their training-checkpoint "
+                                      "directory (its nnet_ema.pth). Read with torch.load(weights_only=True): a file "
+                                      "that needs code to unpickle is refused."),
+    config: str = typer.Option(..., help="A released config by name (cifar10_uvit_small, celeba64_uvit_small, "
+                               "imagenet64_uvit_mid, imagenet64_uvit_large, imagenet256_uvit_large, "
+                               "imagenet256_uvit_huge, imagenet512_uvit_large, imagenet512_uvit_huge) or a JSON file "
+                               "{\"nnet\": their config.nnet, \"schedule\": NAME, \"null_class\": ..., "
+                               "\"image_size\": ...} (see cdm.backbone.convert)."),
+    out: Path = typer.Option(..., help="New backbone directory (must not exist or be empty); written atomically."),
+) -> None:
+    """Import a baofff/U-ViT checkpoint as a cdm backbone: model.safetensors, config.json with the schedule it was
+    trained with, training.json with the checkpoint's sha256. Latent (ImageNet 256/512) models are imported but
+    cannot be sampled until cdm has their autoencoder."""
+    from ..backbone.convert import import_uvit
+
+    r = import_uvit(checkpoint, config, out, command=_command())
+    c = r.model
+    kind = ("unconditional" if c.num_classes <= 0 else f"{c.num_classes} classes"
+            + (f", null class {c.null_class}" if c.null_class is not None else ", no null class (use --guidance 1)"))
+    console.print(f"imported {r.config_name} ({c.in_chans}x{c.img_size}x{c.img_size}, {kind}, schedule "
+                  f"{r.schedule.name}){f' from entry {r.entry!r}' if r.entry else ''}, sha256 {r.sha256[:12]} -> {out}"
+                  + ("; latent model: it needs an autoencoder, which cdm does not have yet, so it cannot be sampled"
+                     if r.latent else f"; try `cdm sample --backbone {out}" + (" --n 10`" if c.num_classes <= 0
+                                                                                  else "`")))
 
 
 # ----------------------------------------------------------------------------------------------- the service

@@ -1,6 +1,11 @@
 """A user's own images: a folder of PNG/JPEG files, or an .npz archive (never pickles).
 
-Every image ends up as 28x28 uint8, white ink on black. Any problem is a :class:`DataError` naming the file.
+Grey folders are read MNIST style (28x28, white ink on black, inverted when drawn dark on light), as the
+embedded digits are. A folder with colour (or transparent) images is an RGB source: transparency is composited
+onto a stated background (white by default) and every image keeps its size (they must agree, or give an
+:class:`~cdm.data.ImageSpec` to fit them to). An ``.npz`` keeps its arrays as stored, of any size. To give a
+backbone what it needs, :func:`fit` resizes (a stated filter) and converts channels. Any problem is a
+:class:`DataError` naming the file.
 """
 
 from __future__ import annotations
@@ -15,12 +20,18 @@ from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
 from .source import IMAGE_SIZE, Source
+from .spec import ImageSpec
 
-__all__ = ["IMAGE_SUFFIXES", "load_folder", "load_npz", "to_mnist_style"]
+__all__ = ["FILTERS", "IMAGE_SUFFIXES", "fit", "load_folder", "load_npz", "to_mnist_style"]
+
+FILTERS = {"lanczos": Image.Resampling.LANCZOS, "bilinear": Image.Resampling.BILINEAR,
+           "bicubic": Image.Resampling.BICUBIC, "nearest": Image.Resampling.NEAREST, "box": Image.Resampling.BOX}
+WHITE = (255, 255, 255)
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
 _GRAY_TOLERANCE = 2  # colour channels may differ by this many levels and still count as grey
 _NPZ_KEYS = ("images", "labels", "classes")
+_SPEC_KEYS = ("height", "width", "channels")  # optional: the image spec, as sample files carry it
 
 
 def _is_image_file(path: Path) -> bool:
@@ -52,6 +63,47 @@ def _gray_array(img: Image.Image, name: str) -> np.ndarray:
     return np.rint(arr.mean(axis=-1)).astype(np.uint8)
 
 
+def _pixels(img: Image.Image, name: str, background: tuple[int, int, int]) -> np.ndarray:
+    """A 2-D uint8 array for grey images (grey stored as opaque colour included), else (H, W, 3) RGB with any
+    transparency composited onto ``background``."""
+    try:
+        return _gray_array(img, name)
+    except DataError as e:
+        if "colour" not in str(e) and "transparent" not in str(e):
+            raise
+    rgba = img.convert("RGBA")
+    canvas = Image.new("RGBA", rgba.size, (*background, 255))
+    return np.asarray(Image.alpha_composite(canvas, rgba).convert("RGB"), dtype=np.uint8)
+
+
+def _resize(arr: np.ndarray, height: int, width: int, resample) -> np.ndarray:
+    if arr.shape[:2] == (height, width):
+        return arr
+    return np.asarray(Image.fromarray(arr).resize((width, height), resample), dtype=np.uint8)
+
+
+def _to_spec(arr: np.ndarray, spec: ImageSpec, resample) -> np.ndarray:
+    """One stored image (2-D grey or (H, W, 3)) as ``spec``: channels converted (grey -> RGB by repetition,
+    RGB -> grey by ITU-R 601 luma, as PIL does), then resized."""
+    if spec.channels == 3 and arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=-1)
+    elif spec.channels == 1 and arr.ndim == 3:
+        arr = np.asarray(Image.fromarray(arr).convert("L"), dtype=np.uint8)
+    return _resize(arr, spec.height, spec.width, resample)
+
+
+def fit(source: Source, spec: ImageSpec, *, filter: str = "lanczos") -> Source:
+    """``source`` with its images converted to ``spec`` (channels, then size, with ``filter``); the same
+    source when it already matches. Its id says what was done (``<id>@32x32-rgb``)."""
+    if source.spec == spec:
+        return source
+    if filter not in FILTERS:
+        raise DataError(f"unknown resize filter {filter!r}; known: {', '.join(FILTERS)}")
+    images = np.stack([_to_spec(img, spec, FILTERS[filter]) for img in source.images])
+    tag = f"{spec.height}x{spec.width}-{'rgb' if spec.channels == 3 else 'grey'}"
+    return Source(id=f"{source.id}@{tag}", images=images, labels=source.labels, classes=source.classes)
+
+
 def to_mnist_style(gray: np.ndarray, name: str, *, invert: bool | None = None) -> np.ndarray:
     """A square 2-D uint8 image as 28x28 white-on-black.
 
@@ -74,30 +126,34 @@ def to_mnist_style(gray: np.ndarray, name: str, *, invert: bool | None = None) -
     return gray
 
 
-def _read_image(path: Path, invert: bool | None) -> np.ndarray:
+def _read_image(path: Path, background: tuple[int, int, int]) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img.load()
-            gray = _gray_array(img, str(path))
+            return _pixels(img, str(path), background)
     except DataError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
         raise DataError(f"{path}: not a readable PNG/JPEG image ({e})") from None
-    return to_mnist_style(gray, str(path), invert=invert)
 
 
 def _default_id(path: str | os.PathLike) -> str:
     return str(Path(path))
 
 
-def load_folder(path: str | os.PathLike, *, id: str | None = None, invert: bool | None = None) -> Source:
-    """Images (.png/.jpg/.jpeg, any case) in a folder, as 28x28 white-on-black.
+def load_folder(path: str | os.PathLike, *, id: str | None = None, invert: bool | None = None,
+                spec: ImageSpec | None = None, background: tuple[int, int, int] = WHITE,
+                filter: str = "lanczos") -> Source:
+    """Images (.png/.jpg/.jpeg, any case) in a folder.
 
     With subfolders, each subfolder is a class (names sorted; labels in that order) holding its samples
     directly; with files only, the source is unlabelled. Names starting with "." are ignored; files are read
-    in sorted name order. Images must be square (any size; resized to 28x28) and greyscale (grey stored as
-    opaque RGB/RGBA is fine). ``invert``: None detects black ink on white by the border, True/False forces it.
-    The default ``id`` is the path as given.
+    in sorted name order. Without ``spec``: a folder of grey images (grey stored as opaque RGB/RGBA is fine)
+    is read MNIST style, square images resized to 28x28 white-on-black (``invert``: None detects black ink on
+    white by the border, True/False forces it); a folder with any colour or transparent image is RGB, with
+    transparency composited onto ``background``, at the images' own size (they must all have it). With
+    ``spec``: every image is converted to it (:func:`fit`'s rules, ``filter`` for resizing). The default ``id``
+    is the path as given.
     """
     root = Path(path)
     if not root.is_dir():
@@ -119,7 +175,21 @@ def load_folder(path: str | os.PathLike, *, id: str | None = None, invert: bool 
             raise DataError(f"{root}: no PNG/JPEG images found")
         classes = ()
         files_by_class = [top_images]
-    images = [_read_image(f, invert) for files in files_by_class for f in files]
+    files = [f for fs in files_by_class for f in fs]
+    pixels = [_read_image(f, background) for f in files]
+    if spec is not None:
+        if filter not in FILTERS:
+            raise DataError(f"unknown resize filter {filter!r}; known: {', '.join(FILTERS)}")
+        images = [_to_spec(a, spec, FILTERS[filter]) for a in pixels]
+    elif all(a.ndim == 2 for a in pixels):  # grey: MNIST style, as the embedded digits
+        images = [to_mnist_style(a, str(f), invert=invert) for a, f in zip(pixels, files, strict=True)]
+    else:
+        sizes = {a.shape[:2] for a in pixels}
+        if len(sizes) > 1:
+            (h0, w0), (h1, w1) = sorted(sizes)[:2]
+            raise DataError(f"{root}: colour images of different sizes ({w0}x{h0} and {w1}x{h1}): give an image "
+                            "spec to fit them to (`cdm add` fits them to the store's backbone)")
+        images = [np.repeat(a[..., None], 3, axis=-1) if a.ndim == 2 else a for a in pixels]
     labels = None
     if classes:
         labels = np.concatenate([np.full(len(files), c, dtype=np.int64) for c, files in enumerate(files_by_class)])
@@ -129,8 +199,8 @@ def load_folder(path: str | os.PathLike, *, id: str | None = None, invert: bool 
 def load_npz(path: str | os.PathLike, *, id: str | None = None) -> Source:
     """An .npz archive with ``images`` and optional ``labels`` and ``classes`` (read with allow_pickle=False).
 
-    ``images``: uint8, shape (N, 28, 28), (N, 28, 28, 1), or (N, H, H) for any square size (resized),
-    white ink on black. ``labels``: integers >= 0, length N. ``classes``: strings, one per label value
+    ``images``: uint8, (N, H, W) or (N, H, W, 1) grey, or (N, H, W, 3) RGB, any size, kept as stored (use
+    :func:`fit` to resize). ``labels``: integers >= 0, length N. ``classes``: strings, one per label value
     (default "0", "1", ...). Other keys are refused. The default ``id`` is the path as given.
     """
     file = Path(path)
@@ -141,12 +211,13 @@ def load_npz(path: str | os.PathLike, *, id: str | None = None) -> Source:
     try:
         with np.load(file, allow_pickle=False) as archive:
             keys = set(archive.files)
-            unknown = sorted(keys - set(_NPZ_KEYS))
+            unknown = sorted(keys - set(_NPZ_KEYS) - set(_SPEC_KEYS))
             if unknown:
-                raise DataError(f"{file}: unexpected keys {', '.join(unknown)} (expected images, labels, classes)")
+                raise DataError(f"{file}: unexpected keys {', '.join(unknown)} (expected images, labels, classes; "
+                                "optionally height, width, channels)")
             if "images" not in keys:
                 raise DataError(f"{file}: no 'images' array")
-            arrays = {key: archive[key] for key in _NPZ_KEYS if key in keys}
+            arrays = {key: archive[key] for key in (*_NPZ_KEYS, *_SPEC_KEYS) if key in keys}
     except DataError:
         raise
     except ValueError as e:
@@ -156,25 +227,29 @@ def load_npz(path: str | os.PathLike, *, id: str | None = None) -> Source:
     except (OSError, zipfile.BadZipFile, zlib.error, EOFError, KeyError) as e:
         raise DataError(f"{file}: not a valid .npz archive ({e})") from None
     images = _npz_images(arrays["images"], file)
+    stated = {k: arrays[k] for k in _SPEC_KEYS if k in arrays}
+    if stated:
+        try:
+            spec = ImageSpec(**{k: int(v) for k, v in stated.items()})
+        except (TypeError, ValueError) as e:
+            raise DataError(f"{file}: bad image spec ({e})") from None
+        spec.check(images, str(file))
     labels, classes = _npz_labels(arrays.get("labels"), arrays.get("classes"), len(images), file)
     return Source(id=id or _default_id(path), images=images, labels=labels, classes=classes)
 
 
 def _npz_images(images: np.ndarray, file: Path) -> np.ndarray:
     if images.dtype != np.uint8:
-        raise DataError(f"{file}: images have dtype {images.dtype}, expected uint8 (0..255, white ink on black)")
+        raise DataError(f"{file}: images have dtype {images.dtype}, expected uint8 (0..255)")
     if images.ndim == 4 and images.shape[-1] == 1:
         images = images[..., 0]
-    if images.ndim != 3:
-        raise DataError(f"{file}: images have shape {images.shape}, expected (N, 28, 28) or (N, 28, 28, 1)")
-    n, h, w = images.shape
-    if n == 0:
+    if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] != 3):
+        raise DataError(f"{file}: images have shape {images.shape}, expected (N, H, W) grey or (N, H, W, 3) RGB")
+    if images.shape[0] == 0:
         raise DataError(f"{file}: holds no images")
-    if h != w or h == 0:
-        raise DataError(f"{file}: images are {w}x{h}, expected square images")
-    if h == IMAGE_SIZE:
-        return np.ascontiguousarray(images)
-    return np.stack([to_mnist_style(img, str(file), invert=False) for img in images])
+    if 0 in images.shape[1:3]:
+        raise DataError(f"{file}: images are empty ({images.shape[2]}x{images.shape[1]})")
+    return np.ascontiguousarray(images)
 
 
 def _npz_labels(

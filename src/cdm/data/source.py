@@ -1,4 +1,4 @@
-"""``Source``: a named, immutable set of 28x28 uint8 images (white ink on black), optionally labelled."""
+"""``Source``: a named, immutable set of uint8 images of one :class:`~cdm.data.ImageSpec`, optionally labelled."""
 
 from __future__ import annotations
 
@@ -13,19 +13,16 @@ from io import BytesIO
 import numpy as np
 
 from ..errors import DataError
+from .spec import ImageSpec
 
 __all__ = ["IMAGE_SIZE", "MIN_ID_PREFIX", "Source", "concat_sources"]
 
-IMAGE_SIZE = 28
+IMAGE_SIZE = 28  # the side of the embedded digits and glyphs (other sources: any ImageSpec)
 MIN_ID_PREFIX = 12  # shortest sample-hash prefix accepted as a sample id
 
 
 def _readonly_images(images: object, id: str) -> np.ndarray:
-    if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
-        got = images.dtype if isinstance(images, np.ndarray) else type(images).__name__
-        raise DataError(f"{id}: images must be a uint8 array, got {got}")
-    if images.ndim != 3 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
-        raise DataError(f"{id}: images have shape {images.shape}, expected (N, {IMAGE_SIZE}, {IMAGE_SIZE})")
+    ImageSpec.of(images, id)  # uint8 (N, H, W) or (N, H, W, 3)
     if images.flags.writeable or not images.flags.c_contiguous:
         images = np.array(images, dtype=np.uint8, order="C", copy=True)
         images.flags.writeable = False
@@ -47,7 +44,8 @@ def _readonly_labels(labels: object, n: int, classes: tuple[str, ...], id: str) 
 
 @dataclass(frozen=True, eq=False)
 class Source:
-    """Images of shape (N, 28, 28), uint8, white ink (255) on black (0), read-only.
+    """uint8 images, read-only: ``(N, H, W)`` grey or ``(N, H, W, 3)`` RGB (:attr:`spec`); the embedded digits
+    are 28x28 grey, white ink (255) on black (0).
 
     ``labels`` (int64, length N) index into ``classes`` (the class names); an unlabelled source has
     ``labels=None`` and ``classes=()``. ``id`` is a stable, human-readable name such as ``"mnist/protected"``;
@@ -85,13 +83,18 @@ class Source:
         return f"Source(id={self.id!r}, n={len(self)}, classes={len(self.classes)})"
 
     @property
+    def spec(self) -> ImageSpec:
+        """Height, width and channels of its images."""
+        return ImageSpec.of(self.images, self.id)
+
+    @property
     def labelled(self) -> bool:
         """Whether the samples carry class labels."""
         return self.labels is not None
 
     @functools.cached_property
     def sample_hashes(self) -> tuple[str, ...]:
-        """SHA-256 (hex) of each image's 784 raw bytes (28x28 uint8, C order).
+        """SHA-256 (hex) of each image's raw bytes (uint8, C order: 784 bytes for a 28x28 grey digit).
 
         The label is not hashed: a sample hash identifies the image content, so the same picture has the same
         id in every source and under any label.
@@ -220,5 +223,8 @@ def concat_sources(sources: list[Source], id: str) -> Source:
     classes = sources[0].classes
     if any(s.classes != classes or s.labelled != sources[0].labelled for s in sources):
         raise DataError("sources to concatenate must share their class names and all be labelled or not")
+    specs = {s.spec for s in sources}
+    if len(specs) > 1:
+        raise DataError(f"sources to concatenate must share their image spec, got {', '.join(map(str, specs))}")
     labels = np.concatenate([s.labels for s in sources]) if sources[0].labelled else None
     return Source(id=id, images=np.concatenate([s.images for s in sources]), labels=labels, classes=classes)

@@ -105,10 +105,13 @@ def _put(store: Store, cid: str, comp: Compartment, record: TrainingRecord, *, k
 
 def check_add(backbone: Backbone, source: Source, *, name: str, cfg: CompartmentConfig, dp=None) -> None:
     """Everything :func:`add_source` checks that needs no store: the name, the source against the compartment
-    config and the backbone (labels, classes), a DP budget. The CLI calls it before it creates a store."""
+    config and the backbone (image spec, labels, classes), a DP budget. The CLI calls it before it creates a store."""
     check_source_name(name)
     if len(source) == 0:
         raise CdmError(f"{source.id}: the source is empty")
+    if source.spec != backbone.codec.spec:
+        raise CdmError(f"{source.id}: its images are {source.spec}, the backbone takes {backbone.codec.spec}: fit "
+                       "them first (cdm.data.fit; `cdm add` does it and says so)")
     check_source_fits(source, Compartment.for_backbone(backbone, cfg))
     if dp is not None:
         from ..privacy import calibrate

@@ -32,6 +32,7 @@ class RequestLimits(BaseModel):
     max_n: int
     max_steps: int
     per_key_queue: int = Field(description="generate requests of one key running or queued at once")
+    classes: int = Field(description="class labels of the backbone (0..classes-1); 0: unconditional only")
 
 
 class Me(BaseModel):
@@ -46,7 +47,7 @@ class Me(BaseModel):
 class ImageOut(BaseModel):
     index: int
     label: int | None
-    png: str = Field(description="base64 PNG, 28x28 grey")
+    png: str = Field(description="base64 PNG of the image, in the store's image spec (grey or RGB)")
     weights: dict[str, float] = Field(description="time-averaged weight of each source for this image")
     final_weights: dict[str, float] = Field(description="weights at the last sampler call")
     attribution: dict[str, float] = Field(description="weight-path credit of each source for this image")

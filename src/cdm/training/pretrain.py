@@ -1,9 +1,11 @@
-"""Class-conditional pretraining of the backbone on PUBLIC data only (``cdm pretrain``).
+"""Pretraining of the backbone on PUBLIC data only (``cdm pretrain``), class-conditional or unconditional.
 
-The public training set is the fixed public slice of the embedded MNIST (100 per class, chosen by content
-hash, see :mod:`cdm.data`) plus, optionally, synthetic font glyphs of the digits. Nothing from the protected
-4,000 digits can reach this loop: :func:`public_training_set` is the only data it reads, and its sample
-hashes are written into the training record (tests check them against the protected hashes).
+The public training set is, by default, the fixed public slice of the embedded MNIST (100 per class, chosen by
+content hash, see :mod:`cdm.data`) plus, optionally, synthetic font glyphs of the digits; or any source spec of
+public images (``data``: a folder, an ``.npz``), of any size and grey or RGB, fitted to a square
+``data_size`` (the stored images the backbone will take) and pooled to the model's ``img_size``. Nothing from
+the protected 4,000 digits can reach this loop: :func:`public_training_set` is the only data it reads, and its
+sample hashes are written into the training record (tests check them against the protected hashes).
 
 Deterministic: every step draws its batch, timesteps, noise and label dropout from a generator seeded by
 ``(seed, step)``, so a run resumed from a checkpoint is bit-identical to an uninterrupted one (same machine,
@@ -26,6 +28,7 @@ from ..backbone import Backbone, PixelCodec, UViT, UViTConfig
 from ..data.glyphs import glyphs
 from ..data.mnist import public_protected
 from ..data.source import Source, concat_sources
+from ..data.spec import ImageSpec
 from ..errors import TrainingError
 from ..provenance import git_commit, machine_info
 from ..sampling import NoiseSchedule
@@ -46,6 +49,10 @@ class PretrainConfig:
     num_heads: int = 4
     schedule: str = "cosine"  # noise schedule name (cdm.sampling.SCHEDULES)
     # data
+    data: str = ""  # a source spec of public images (folder, .npz ...); "" = the public digits and/or glyphs below
+    data_size: int = 28  # side of the stored (square) images the backbone takes; a multiple of img_size
+    channels: int = 1  # 1 grey, 3 RGB (data of the other kind is converted)
+    unconditional: bool = False  # no class token (and no guidance); labels, if any, are ignored
     glyphs: int = 0  # synthetic digit glyphs added to the 1,000 public MNIST digits (0 = none)
     public_digits: bool = True  # False: glyphs only, a backbone that never saw a handwritten digit (the paper's
     #                             setting: a domain gap between the public pretraining data and the protected data)
@@ -62,9 +69,17 @@ class PretrainConfig:
     seed: int = 0
     checkpoint_every: int = 200  # steps between checkpoints
 
-    def model_config(self) -> UViTConfig:
-        return UViTConfig(img_size=self.img_size, patch_size=self.patch_size, embed_dim=self.embed_dim,
-                          depth=self.depth, num_heads=self.num_heads, num_classes=11, null_class=10)
+    def model_config(self, n_classes: int = 10) -> UViTConfig:
+        """The U-ViT for data of ``n_classes`` classes: one label row each plus the null class (for guidance),
+        or none when unconditional."""
+        labels = dict(num_classes=-1, null_class=None) if self.unconditional or n_classes < 1 else \
+            dict(num_classes=n_classes + 1, null_class=n_classes)
+        return UViTConfig(img_size=self.img_size, patch_size=self.patch_size, in_chans=self.channels,
+                          embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads, **labels)
+
+    @property
+    def image_spec(self) -> ImageSpec:
+        return ImageSpec(self.data_size, self.data_size, self.channels)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -76,7 +91,12 @@ class PretrainConfig:
 
 
 def public_training_set(cfg: PretrainConfig) -> Source:
-    """The only data pretraining reads: the public MNIST slice and/or ``cfg.glyphs`` digit glyphs."""
+    """The only data pretraining reads: ``cfg.data`` fitted to ``cfg.image_spec``, or the public MNIST slice
+    and/or ``cfg.glyphs`` digit glyphs."""
+    if cfg.data:
+        from ..data import fit, load_source
+
+        return fit(load_source(cfg.data), cfg.image_spec)
     if not cfg.public_digits and not cfg.glyphs:
         raise ValueError("pretraining needs data: public digits, glyphs, or both")
     public, _ = public_protected()
@@ -97,13 +117,18 @@ def _pretrain(cfg: PretrainConfig, out: str | Path, *, max_minutes: float | None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data = public_training_set(cfg)
-    codec = PixelCodec(data_size=28, model_size=cfg.img_size)
+    if data.spec != cfg.image_spec:
+        raise TrainingError(f"{data.id}: images are {data.spec}, the config says {cfg.image_spec} (set data_size "
+                            "and channels, or give data that fits)")
+    codec = PixelCodec(data_size=cfg.data_size, model_size=cfg.img_size, channels=cfg.channels)
     schedule = NoiseSchedule(cfg.schedule)
     x_all = codec.encode(data.images)
-    y_all = torch.tensor(data.labels, dtype=torch.long)
+    model_cfg = cfg.model_config(len(data.classes))
+    conditional = model_cfg.num_classes > 0
+    y_all = torch.tensor(data.labels, dtype=torch.long) if conditional else None
 
     torch.manual_seed(cfg.seed)
-    net = UViT(cfg.model_config())
+    net = UViT(model_cfg)
     ema = copy.deepcopy(net).requires_grad_(False)
     decay, no_decay = [], []
     for n, p in net.named_parameters():
@@ -131,8 +156,12 @@ def _pretrain(cfg: PretrainConfig, out: str | Path, *, max_minutes: float | None
             idx = torch.randint(0, len(data), (cfg.batch_size,), generator=g)
             if on_batch is not None:
                 on_batch(data.images[idx.numpy()])
-            x0, y = x_all[idx], y_all[idx].clone()
-            y[torch.rand(cfg.batch_size, generator=g) < cfg.label_dropout] = 10
+            x0 = x_all[idx]
+            drop = torch.rand(cfg.batch_size, generator=g) < cfg.label_dropout  # drawn either way: same stream
+            y = None
+            if conditional:
+                y = y_all[idx].clone()
+                y[drop] = model_cfg.null_class
             t, noise = draw_noise(x0, schedule, g)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, lr=cfg.lr, warmup=cfg.warmup, steps=cfg.steps, schedule=cfg.lr_schedule)

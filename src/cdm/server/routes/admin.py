@@ -63,13 +63,14 @@ def admin_router(ctx: Context) -> APIRouter:
 
     @router.post("/v1/admin/sources", tags=["admin"], status_code=202,
                  summary="Add a source from an uploaded .npz and train its compartment (a background job)")
-    async def add_source(file: UploadFile = File(..., description="images uint8 N x 28 x 28, optional labels"),
+    async def add_source(file: UploadFile = File(..., description="images uint8 N x H x W (grey) or N x H x W x 3 "
+                                                         "(RGB), optional labels; fitted to the backbone's images"),
                          name: str = Form(..., description="source name (letters, digits, . _ -)"),
                          tags: str = Form("", description="comma-separated access tags"),
                          steps: int | None = Form(None, description="training steps (default: the server's)"),
                          key: keyring.ApiKey = Depends(admin)) -> dict:
         from ...compartments import CompartmentConfig
-        from ...data import load_npz
+        from ...data import fit, load_npz
 
         try:
             check_source_name(name)  # the store's rule
@@ -93,6 +94,7 @@ def admin_router(ctx: Context) -> APIRouter:
                 raise HTTPException(422, str(e).replace(str(path), file.filename or "upload")) from None
         if len(source) > limits.max_upload_images:
             raise HTTPException(413, f"{len(source)} images; the limit is {limits.max_upload_images}")
+        source = await engine.io.run(fit, source, engine.backbone.codec.spec)  # the backbone's size and channels
 
         def prepare() -> CompartmentConfig:
             st = engine.io.store()

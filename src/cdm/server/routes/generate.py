@@ -84,7 +84,7 @@ def generate_router(ctx: Context) -> APIRouter:
         views, weightings = await engine.io.run(run)
         return {"name": key.name, "admin": key.admin, "sources": views, "weightings": weightings,
                 "limits": {"max_n": limits.max_n, "max_steps": limits.max_steps,
-                           "per_key_queue": limits.per_key_queue}}
+                           "per_key_queue": limits.per_key_queue, "classes": max(n_classes, 0)}}
 
     @router.post("/v1/generate", tags=["generate"], response_model=GenerateResponse,
                  responses={401: {"description": "missing/unknown key"},

@@ -84,6 +84,7 @@ async function connect() {
       limits = me.limits;
       $("n").max = String(limits.max_n);
       $("steps").max = String(limits.max_steps);
+      classMenu(limits.classes || 0);
     }
     $("controls").hidden = false;
     setStatus("Connected.");
@@ -133,7 +134,7 @@ async function generate(ev) {
   const body = {
     sources, n, steps: fields.steps.value, seed: fields.seed.value,
     weighting: $("weighting").value,
-    classes: cls === "uncond" ? null : cls === "all" ? [0, 1, 2, 3, 4, 5, 6, 7, 8, 9] : [parseInt(cls, 10)],
+    classes: cls === "uncond" ? null : cls === "all" ? [...Array(limits.classes || 0).keys()] : [parseInt(cls, 10)],
   };
   const mine = epoch;
   $("generate").disabled = true;
@@ -174,11 +175,21 @@ async function generate(ev) {
   }
 }
 
-function init() {
+function classMenu(n) {
+  // the backbone's classes, from the server: "all" cycles through them; none: unconditional only
   const sel = $("class");
-  for (let c = 0; c < 10; c++) {
-    const o = document.createElement("option"); o.value = String(c); o.textContent = "digit " + c; sel.append(o);
-  }
+  const previous = sel.value;
+  sel.replaceChildren();
+  const add = (value, text) => {
+    const o = document.createElement("option"); o.value = value; o.textContent = text; sel.append(o);
+  };
+  add("uncond", "unconditional");
+  if (n > 0) add("all", "all classes (0–" + (n - 1) + ")");
+  for (let c = 0; c < n; c++) add(String(c), "class " + c);
+  sel.value = [...sel.options].some((o) => o.value === previous) ? previous : (n > 0 ? "all" : "uncond");
+}
+
+function init() {
   $("key").value = key;
   $("connect").addEventListener("click", connect);
   $("key").addEventListener("keydown", (e) => { if (e.key === "Enter") connect(); });

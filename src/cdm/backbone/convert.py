@@ -1,0 +1,307 @@
+"""Import a baofff/U-ViT checkpoint (``.pth``) as a cdm backbone bundle (see :mod:`cdm.backbone.pretrained`).
+
+``import_uvit(checkpoint, config, out)`` reads the checkpoint with ``torch.load(weights_only=True)`` (a file that
+needs code to unpickle is refused; nothing else in cdm reads a pickle), loads it strictly into cdm's U-ViT
+(same parameter names), and writes ``config.json`` (model, the noise schedule the checkpoint was trained with,
+codec) + ``model.safetensors`` + ``training.json`` (the source file's sha256, the config, the provenance)
+into a new directory, atomically (a temporary directory renamed into place). Everything is checked first.
+
+``config`` is one of the released configs by name (:data:`UVIT_RELEASES`, from baofff/U-ViT ``configs/*.py``
+at commit ce55170 and its training scripts) or a JSON file of the same form::
+
+    {"nnet": {...their config.nnet, their defaults...}, "schedule": "vpsde",
+     "null_class": 1000, "image_size": 32, "latent": {...}}
+
+(``null_class``: the label row of the unconditional branch, if trained with one; ``image_size``: the side of
+stored images for a pixel model, default ``nnet.img_size``; ``latent``: present for a latent-space model.)
+
+Latent models (ImageNet 256/512) are imported (weights, model and schedule) with a codec entry
+``{"kind": "latent", ...}`` that names the autoencoder they need. cdm has no latent codec yet, so such a bundle
+cannot be loaded for sampling or training (``cdm sample`` says so); the text-to-image model (``uvit_t2i``) is
+refused.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import WeightsError
+from ..io import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    atomic_write_json,
+    file_sha256,
+    load_state_dict,
+    load_strict,
+    read_json,
+    save_state_dict,
+)
+from ..sampling import SCHEDULES, NoiseSchedule
+from .pixels import PixelCodec
+from .pretrained import KIND
+from .uvit import UViT, UViTConfig
+
+__all__ = ["UVIT_RELEASES", "UViTImport", "import_uvit", "latent_info", "read_uvit_checkpoint", "resolve_uvit_config"]
+
+SOURCE = "github.com/baofff/U-ViT@ce551708dc9cde9818d2af7d84dfadfeb7bd9034"
+# the constructor defaults of their libs/uvit.py UViT (a JSON config's nnet falls back on these, not on cdm's)
+NNET_DEFAULTS = {"img_size": 224, "patch_size": 16, "in_chans": 3, "embed_dim": 768, "depth": 12, "num_heads": 12,
+                 "mlp_ratio": 4.0, "qkv_bias": False, "qk_scale": None, "mlp_time_embed": False, "num_classes": -1,
+                 "use_checkpoint": False, "conv": True, "skip": True}
+_SD_AUTOENCODER = "Stable Diffusion KL-f8 autoencoder, scale_factor 0.18215 (their libs/autoencoder.py)"
+
+
+def _pixel(**nnet) -> dict:
+    return {"name": "uvit", **nnet}
+
+
+# name -> {"nnet": their config.nnet, "schedule", "null_class", "latent", "guidance", "from"}. Every nnet entry is
+# copied from configs/<name>.py; the schedule from the script their README trains and evaluates it with:
+# train.py / eval.py and train_ldm.py / eval_ldm.py use sde.VPSDE() (beta 0.1 -> 20, the network fed t * 999):
+# cdm's "vpsde"; train_ldm_discrete.py / eval_ldm_discrete.py use stable_diffusion_beta_schedule() (scaled
+# linear 0.00085 -> 0.012), cdm's "linear", with the network fed n = t + 1 (see cdm.sampling.schedule).
+# null_class: datasets.py's empty label for cfg=True datasets is K = 1000 (the 1001st label row).
+# guidance: their sample.scale s in eps_c + s (eps_c - eps_u) is cdm's guidance 1 + s.
+UVIT_RELEASES: dict[str, dict] = {
+    "cifar10_uvit_small": {  # U-ViT-S/2, CIFAR-10 32x32, unconditional; train.py
+        "nnet": _pixel(img_size=32, patch_size=2, embed_dim=512, depth=12, num_heads=8, mlp_ratio=4, qkv_bias=False,
+                       mlp_time_embed=False, num_classes=-1),
+        "schedule": "vpsde", "from": "configs/cifar10_uvit_small.py, train.py (sde.VPSDE)"},
+    "celeba64_uvit_small": {  # U-ViT-S/4, CelebA 64x64, unconditional; train.py
+        "nnet": _pixel(img_size=64, patch_size=4, embed_dim=512, depth=12, num_heads=8, mlp_ratio=4, qkv_bias=False,
+                       mlp_time_embed=False, num_classes=-1),
+        "schedule": "vpsde", "from": "configs/celeba64_uvit_small.py, train.py (sde.VPSDE)"},
+    "imagenet64_uvit_mid": {  # U-ViT-M/4, ImageNet 64x64, 1000 classes, trained without a null class; train.py
+        "nnet": _pixel(img_size=64, patch_size=4, embed_dim=768, depth=16, num_heads=12, mlp_ratio=4, qkv_bias=False,
+                       mlp_time_embed=False, num_classes=1000, use_checkpoint=True),
+        "schedule": "vpsde", "from": "configs/imagenet64_uvit_mid.py, train.py (sde.VPSDE)"},
+    "imagenet64_uvit_large": {  # U-ViT-L/4, ImageNet 64x64, 1000 classes, no null class; train.py
+        "nnet": _pixel(img_size=64, patch_size=4, embed_dim=1024, depth=20, num_heads=16, mlp_ratio=4, qkv_bias=False,
+                       mlp_time_embed=False, num_classes=1000, use_checkpoint=True),
+        "schedule": "vpsde", "from": "configs/imagenet64_uvit_large.py, train.py (sde.VPSDE)"},
+    "imagenet256_uvit_large": {  # U-ViT-L/2 on 4x32x32 SD latents; train_ldm.py (continuous time)
+        "nnet": _pixel(img_size=32, patch_size=2, in_chans=4, embed_dim=1024, depth=20, num_heads=16, mlp_ratio=4,
+                       qkv_bias=False, mlp_time_embed=False, num_classes=1001, use_checkpoint=True),
+        "schedule": "vpsde", "null_class": 1000, "guidance": 1.4,
+        "latent": {"autoencoder": _SD_AUTOENCODER, "weights": "assets/stable-diffusion/autoencoder_kl.pth",
+                   "image_size": 256},
+        "from": "configs/imagenet256_uvit_large.py, train_ldm.py (sde.VPSDE)"},
+    "imagenet256_uvit_huge": {  # U-ViT-H/2 on 4x32x32 SD latents; train_ldm_discrete.py
+        "nnet": _pixel(img_size=32, patch_size=2, in_chans=4, embed_dim=1152, depth=28, num_heads=16, mlp_ratio=4,
+                       qkv_bias=False, mlp_time_embed=False, num_classes=1001, use_checkpoint=True, conv=False),
+        "schedule": "linear", "null_class": 1000, "guidance": 1.4,
+        "latent": {"autoencoder": _SD_AUTOENCODER, "weights": "assets/stable-diffusion/autoencoder_kl_ema.pth",
+                   "image_size": 256},
+        "from": "configs/imagenet256_uvit_huge.py, train_ldm_discrete.py (stable_diffusion_beta_schedule)"},
+    "imagenet512_uvit_large": {  # U-ViT-L/4 on 4x64x64 SD latents; train_ldm.py (continuous time)
+        "nnet": _pixel(img_size=64, patch_size=4, in_chans=4, embed_dim=1024, depth=20, num_heads=16, mlp_ratio=4,
+                       qkv_bias=False, mlp_time_embed=False, num_classes=1001, use_checkpoint=True),
+        "schedule": "vpsde", "null_class": 1000, "guidance": 1.7,
+        "latent": {"autoencoder": _SD_AUTOENCODER, "weights": "assets/stable-diffusion/autoencoder_kl.pth",
+                   "image_size": 512},
+        "from": "configs/imagenet512_uvit_large.py, train_ldm.py (sde.VPSDE)"},
+    "imagenet512_uvit_huge": {  # U-ViT-H/4 on 4x64x64 SD latents; train_ldm_discrete.py
+        "nnet": _pixel(img_size=64, patch_size=4, in_chans=4, embed_dim=1152, depth=28, num_heads=16, mlp_ratio=4,
+                       qkv_bias=False, mlp_time_embed=False, num_classes=1001, use_checkpoint=True, conv=False),
+        "schedule": "linear", "null_class": 1000, "guidance": 1.7,
+        "latent": {"autoencoder": _SD_AUTOENCODER, "weights": "assets/stable-diffusion/autoencoder_kl_ema.pth",
+                   "image_size": 512},
+        "from": "configs/imagenet512_uvit_huge.py, train_ldm_discrete.py (stable_diffusion_beta_schedule)"},
+}
+_TEXT = {"mscoco_uvit_small"}  # uvit_t2i: needs text conditioning (CLIP tokens), which cdm does not have yet
+_SCHEDULE_NOTES = {
+    "vpsde": "their continuous time s in [0, 1] (network input s * 999) is integer t = 999 s here; abar is exact at "
+             "every t >= 1, abar_0 = abar(s = 1e-3) (cdm.sampling.schedule)",
+    "linear": "their discrete-time networks were fed n = t + 1 for this abar_t; cdm feeds t (one step of 1000 off)",
+}
+_CONFIG_KEYS = {"nnet", "schedule", "null_class", "image_size", "latent", "guidance", "from"}
+# checkpoint nestings: their eval scripts load a plain state dict (nnet_ema.pth of a training checkpoint
+# directory, utils.TrainState.save); other trainers wrap it. EMA first.
+_NESTED = ("nnet_ema", "ema", "model_ema", "nnet", "model", "state_dict", "module")
+
+
+@dataclass(frozen=True)
+class UViTImport:
+    """What :func:`import_uvit` wrote."""
+
+    out: Path
+    config_name: str
+    model: UViTConfig
+    schedule: NoiseSchedule
+    codec: dict
+    entry: str  # where in the checkpoint the weights were ("" = the file is the state dict)
+    sha256: str  # of the checkpoint file
+    latent: bool
+
+
+def resolve_uvit_config(spec: str | os.PathLike) -> tuple[str, dict]:
+    """``(name, release dict)`` for a released config name or a JSON file; WeightsError otherwise."""
+    s = str(spec)
+    if s in UVIT_RELEASES:
+        return s, UVIT_RELEASES[s]
+    if s in _TEXT:
+        raise WeightsError(f"--config {s}: the text-to-image U-ViT (uvit_t2i) is not supported yet")
+    path = Path(s)
+    if path.suffix.lower() != ".json" and not path.is_file():
+        raise WeightsError(f"--config {s}: not a released U-ViT config ({', '.join(UVIT_RELEASES)}) nor a JSON file")
+    rel = read_json(path)
+    unknown = sorted(set(rel) - _CONFIG_KEYS)
+    if unknown:
+        raise WeightsError(f"{path}: unknown fields {', '.join(unknown)} (known: {', '.join(sorted(_CONFIG_KEYS))})")
+    if not isinstance(rel.get("nnet"), dict) or not isinstance(rel.get("schedule"), str):
+        raise WeightsError(f"{path}: needs \"nnet\" (their config.nnet) and \"schedule\" (one of "
+                           f"{', '.join(SCHEDULES)})")
+    return path.stem, rel
+
+
+def _model_config(rel: dict, where: str) -> UViTConfig:
+    nnet = dict(rel["nnet"])
+    name = nnet.pop("name", "uvit")
+    if name != "uvit":
+        raise WeightsError(f"{where}: nnet name {name!r} is not supported (only 'uvit'; 'uvit_t2i' needs text "
+                           "conditioning)")
+    unknown = sorted(set(nnet) - set(NNET_DEFAULTS))
+    if unknown:
+        raise WeightsError(f"{where}: unknown nnet fields {', '.join(unknown)}")
+    kw = {**NNET_DEFAULTS, **nnet}
+    if kw.pop("qk_scale") is not None:
+        raise WeightsError(f"{where}: qk_scale other than the default head_dim ** -0.5 is not supported")
+    kw.pop("use_checkpoint")  # gradient checkpointing: training only, no weights
+    try:
+        return UViTConfig(**kw, null_class=rel.get("null_class"))
+    except (TypeError, ValueError) as e:
+        raise WeightsError(f"{where}: invalid U-ViT config ({e})") from None
+
+
+def _codec(rel: dict, cfg: UViTConfig, where: str) -> dict:
+    if rel.get("latent") is not None:
+        if not isinstance(rel["latent"], dict):
+            raise WeightsError(f"{where}: \"latent\" must be an object (the autoencoder it needs)")
+        return {"kind": "latent", **rel["latent"]}
+    if cfg.in_chans not in (1, 3):
+        raise WeightsError(f"{where}: a pixel model needs 1 or 3 channels, got in_chans {cfg.in_chans} (a latent "
+                           "model needs \"latent\")")
+    size = rel.get("image_size", cfg.img_size)
+    try:
+        return PixelCodec(data_size=size, model_size=cfg.img_size, channels=cfg.in_chans).to_dict()
+    except (TypeError, ValueError) as e:
+        raise WeightsError(f"{where}: invalid image_size ({e})") from None
+
+
+def _few(keys) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+
+
+def read_uvit_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str]:
+    """The state dict in a U-ViT checkpoint and where it was in the file (``""``: the file is one).
+
+    ``.pth`` and the like are read with ``torch.load(weights_only=True)`` only; a ``.safetensors`` file is read as
+    such; a training-checkpoint directory of theirs means its ``nnet_ema.pth``."""
+    path = Path(path)
+    if path.is_dir() and (path / "nnet_ema.pth").is_file():
+        path = path / "nnet_ema.pth"
+    if path.is_dir():
+        raise WeightsError(f"{path}: a directory without nnet_ema.pth; give the checkpoint file")
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such checkpoint file")
+    if path.suffix.lower() == ".safetensors":
+        obj = load_state_dict(path)
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.startswith("Weights only")]
+            code = next((ln for ln in lines if "global" in ln.lower()), None)  # a class or function to import
+            if code is not None:
+                raise WeightsError(f"{path}: refusing a checkpoint that needs code to unpickle "
+                                   f"({code[:200]})") from None
+            why = next((ln for ln in lines if "unsupported" in ln.lower()), lines[0] if lines else "")
+            raise WeightsError(f"{path}: not a checkpoint that torch.load(weights_only=True) can read "
+                               f"({why[:200]})") from None
+        except (RuntimeError, EOFError, OSError, ValueError, AttributeError, KeyError, IndexError) as e:
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise WeightsError(f"{path}: not a readable torch checkpoint ({first})") from None
+    entry = ""
+    if isinstance(obj, Mapping) and not all(torch.is_tensor(v) for v in obj.values()):
+        entry = next((k for k in _NESTED if isinstance(obj.get(k), Mapping)), "")
+        if not entry:
+            raise WeightsError(f"{path}: not a state dict and none of {', '.join(_NESTED)} holds one (top-level "
+                               f"keys: {_few(map(str, obj))})")
+        obj = obj[entry]
+    if not isinstance(obj, Mapping) or not obj:
+        raise WeightsError(f"{path}{f' [{entry!r}]' if entry else ''}: expected a state dict (name -> tensor), "
+                           f"got {type(obj).__name__}{' (empty)' if isinstance(obj, Mapping) else ''}")
+    bad = sorted(str(k) for k, v in obj.items() if not isinstance(k, str) or not torch.is_tensor(v))
+    if bad:
+        raise WeightsError(f"{path}: entries that are not tensors: {_few(bad)}")
+    state = dict(obj)
+    for prefix in ("module.", "_orig_mod."):  # DistributedDataParallel, torch.compile
+        if all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state, entry
+
+
+def latent_info(path: str | os.PathLike) -> dict | None:
+    """The codec entry of a backbone directory if it is a latent one (needs an autoencoder), else None."""
+    cfg = Path(path) / CONFIG_NAME
+    if not cfg.is_file():
+        return None
+    try:
+        codec = read_json(cfg).get("codec")
+    except WeightsError:
+        return None
+    return codec if isinstance(codec, dict) and codec.get("kind") == "latent" else None
+
+
+def import_uvit(checkpoint: str | os.PathLike, config: str | os.PathLike, out: str | os.PathLike,
+                command: str | None = None) -> UViTImport:
+    """Check everything, then write the bundle into ``out`` (new, or an empty directory) atomically."""
+    out, checkpoint = Path(out), Path(checkpoint)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise WeightsError(f"--out {out}: exists and is not an empty directory; pick a new one")
+    name, rel = resolve_uvit_config(config)
+    where = f"config {name}"
+    cfg = _model_config(rel, where)
+    try:
+        schedule = NoiseSchedule(rel["schedule"])
+    except ValueError as e:
+        raise WeightsError(f"{where}: {e}") from None
+    codec = _codec(rel, cfg, where)
+    state, entry = read_uvit_checkpoint(checkpoint)
+    src = checkpoint / "nnet_ema.pth" if checkpoint.is_dir() else checkpoint
+    dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in state.values()})
+    with torch.device("meta"):  # no random init: every tensor is then loaded (a U-ViT has no buffers)
+        net = UViT(cfg)
+    net = net.to_empty(device="cpu")
+    load_strict(net, state, f"{src}{f' [{entry!r}]' if entry else ''} (config {name})")  # names the first keys
+    sha = file_sha256(src)
+    record = {"imported_from": {"file": src.name, "sha256": sha, "entry": entry or None, "dtypes": dtypes,
+                                "config": name, "config_from": rel.get("from", str(config)), "source": SOURCE},
+              "schedule_note": _SCHEDULE_NOTES.get(schedule.name), "command": command}
+    if rel.get("guidance") is not None:
+        record["guidance"] = rel["guidance"]  # their sample.scale + 1
+    if rel.get("latent") is not None:
+        record["needs"] = "an autoencoder (latent model): cdm cannot sample it yet"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        os.chmod(tmp, 0o755)
+        save_state_dict(tmp / WEIGHTS_NAME, net.state_dict())
+        atomic_write_json(tmp / CONFIG_NAME, {"kind": KIND, "model": cfg.to_dict(),
+                                              "schedule": schedule.to_dict(), "codec": codec})
+        atomic_write_json(tmp / "training.json", record)
+        os.replace(tmp, out)  # onto a missing or empty directory
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return UViTImport(out=out, config_name=name, model=cfg, schedule=schedule, codec=codec, entry=entry, sha256=sha,
+                      latent=rel.get("latent") is not None)
