@@ -237,7 +237,7 @@ def test_the_store_keeps_its_backbone_for_every_command(tmp_path, backbone, part
     for args in (["add", str(tmp_path / "b.npz"), "--name", "b", "--backbone", str(tmp_path / "other"), *train],
                  ["forget", "a", "--sample", parts[0].sample_hashes[0], "--backbone", str(tmp_path / "other"),
                   "--store", str(st_dir)],
-                 ["paragon", "--backbone", str(tmp_path / "other"), *train]):
+                 ["paragon", "--backbone", str(tmp_path / "other"), "--steps", "3", "--store", str(st_dir)]):
         res = run(app, args)
         assert res.exit_code != 0
         assert backbone.hash[:12] in str(res.exception) and other.hash[:12] in str(res.exception), res.exception
@@ -388,3 +388,18 @@ def test_a_compartment_that_learnt_nothing_is_reported(tmp_path, parts):
     line = next(ln for ln in res.output.splitlines() if "still" in ln)
     assert "learnt nothing" in line
     assert "learnt nothing" not in next(ln for ln in res.output.splitlines() if "moved" in ln)
+
+
+def test_cli_paragon_takes_its_compartments_config_and_budget(tmp_path, backbone, parts):
+    backbone.save_pretrained(tmp_path / "bb")
+    with Store.create(tmp_path / "st") as st:
+        for j in range(2):
+            add_source(st, backbone, parts[j], name=f"s{j}", cfg=CFG, progress=False)
+    res = CliRunner().invoke(app, ["paragon", "--store", str(tmp_path / "st")])
+    assert res.exit_code != 0 and "not shipped: pass --backbone DIR" in str(res.exception)  # made in memory
+    res = CliRunner().invoke(app, ["paragon", "--store", str(tmp_path / "st"), "--backbone", str(tmp_path / "bb")])
+    assert res.exit_code == 0, res.output
+    with Store.open(tmp_path / "st") as st:
+        cfg = CompartmentConfig.from_dict(st.compartment("paragon")["manifest"]["config"])
+        assert cfg.steps == 2 * CFG.steps and cfg.n_prompts == CFG.n_prompts and cfg.batch_size == CFG.batch_size
+        assert st.compartment("paragon")["sources"] == ["s0", "s1"]

@@ -53,7 +53,7 @@ def store_backbone(store: Store, backbone: Backbone | str | Path | None = None, 
             raise CdmError(f"store {store.path}: the backbone at {have['ref']} is now {bb.hash[:12]}, not the "
                            f"store's {have['hash'][:12]}; pass --backbone DIR with the store's backbone")
     else:  # a store from before backbones were recorded: its hash may be a shipped backbone's
-        from .shipped import PREFIX, names
+        from ..shipped import PREFIX, names
 
         for name in names():
             if name.startswith("backbone"):
