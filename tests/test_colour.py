@@ -81,6 +81,21 @@ def test_colour_store_through_every_path(colour_backbone, tmp_path):
     assert res.exit_code == 0, res.output
     assert np.load(tmp_path / "u" / "samples.npz")["images"].shape == (2, size, size, 3)
 
+    # every weighting: the heads of the learned ones trained on the colour store (isolated heads against public
+    # colour images; the default core, the digits, is refused for this backbone)
+    res = run(app, ["train-router", *common, "--kind", "isolated", "--steps", "3", "--batch-size", "8"])
+    assert res.exit_code != 0 and "public core data of this backbone's images" in str(res.exception)
+    for kind in ("router", "classifier", "isolated"):
+        res = run(app, ["train-router", *common, "--kind", kind, "--steps", "3", "--batch-size", "8",
+                        "--core", str(root / "public.npz")])
+        assert res.exit_code == 0, res.output
+    for weighting in ("router", "classifier", "isolated", "single"):
+        res = run(app, ["sample", *common, "--sources", "a,b", "--n", "2", "--steps", "2", "--weighting", weighting,
+                        "--out", str(tmp_path / weighting)])
+        assert res.exit_code == 0, res.output
+        with np.load(tmp_path / weighting / "weights.npz") as f:
+            assert f["weights"].shape == (2, 2, 2) and np.allclose(f["weights"].sum(-1), 1)
+
     # attribution
     res = run(app, ["attribute", *common, "--sources", "a,b", "--n", "2", "--steps", "2", "--out",
                     str(tmp_path / "att")])

@@ -538,6 +538,8 @@ def train_router_cmd(
     batch_size: int = typer.Option(64, help="Noisy samples per optimiser step."),
     lr: float = typer.Option(3e-3, help="Learning rate."),
     seed: int = typer.Option(0, help="Seed of initialisation, batches and noise."),
+    core: str | None = typer.Option(None, help="--kind isolated: source spec of PUBLIC images the heads contrast "
+                                    "each source with (default: the public digits; fitted to the backbone)."),
     backbone: Path | None = _backbone_option(),
     threads: int | None = _threads_option(),
 ) -> None:
@@ -550,7 +552,10 @@ def train_router_cmd(
     cfg = HeadConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed)
     names = [s for s in sources.split(",") if s] if sources else None
     with _open_store(store) as st:
-        for out in train_heads(st, store_backbone(st, backbone), names, kind, cfg=cfg):
+        from ..data import load_source
+
+        for out in train_heads(st, store_backbone(st, backbone), names, kind, cfg=cfg,
+                               core=load_source(core) if core else None):
             c, rec = out.compartment, out.record
             chance = f" (chance {rec['chance']:.3f})" if "chance" in rec else " (vs the public core)"
             console.print(f"{c.kind} '{c.cid}' on {', '.join(c.sources)}: {rec['steps']} steps, "

@@ -90,7 +90,16 @@ def train_isolated_op(store: Store, backbone: Backbone, name: str, *, core: Sour
     if comp_row["kind"] != "compartment":
         raise CdmError(f"'{name}' is a {comp_row['kind']}, not a source's compartment")
     comp = load_compartment(store, backbone, name)
-    core = core if core is not None else public_protected()[0]
+    if core is None:
+        core = public_protected()[0]
+        if core.spec != backbone.codec.spec:
+            raise CdmError(f"an isolated head needs public core data of this backbone's images ({backbone.codec.spec}"
+                           "); the default (the public digits) is not: pass core (`cdm train-router --kind isolated "
+                           "--core SPEC`)")
+    if core.spec != backbone.codec.spec:
+        from ..data import fit
+
+        core = fit(core, backbone.codec.spec)
     head, record = train_isolated_head(backbone, comp, source_data(store, name), core, cfg=cfg, progress=progress)
     record["sources_seen"][0].update(name=name, compartment_sha256=comp_row["weights_sha256"])
     row = store.put_compartment(head_cid(name), state_tensors(head), record, kind=ISOLATED_KIND, sources=[name],
@@ -187,10 +196,12 @@ def _check_available(store: Store, sources: list[str], weighting: str) -> None:
 
 
 def train_heads(store: Store, backbone: Backbone, names: list[str] | None, kind: str, *, only_missing: bool = False,
-                cfg=None, actor: str | None = None, progress: bool = True, **overrides) -> list[HeadsTrained]:
+                cfg=None, core: Source | None = None, actor: str | None = None, progress: bool = True,
+                **overrides) -> list[HeadsTrained]:
     """Train the heads a learned weighting needs (a registry entry's ``heads``): the joint ``router`` or
     ``classifier`` over ``names`` (default: every source with a compartment), or each source's ``isolated``
-    head. ``only_missing``: skip heads already stored (a resumed benchmark)."""
+    head (against the public ``core``; see :func:`train_isolated_op`). ``only_missing``: skip heads already
+    stored (a resumed benchmark)."""
     kinds = sorted({s.heads for s in REGISTRY.values() if s.heads})
     if kind not in kinds:
         raise CdmError(f"unknown kind of heads {kind!r}; known: {', '.join(kinds)}")
@@ -198,7 +209,7 @@ def train_heads(store: Store, backbone: Backbone, names: list[str] | None, kind:
     have = {r["cid"] for r in store.compartments()}
     kw = dict(cfg=cfg, actor=actor, progress=progress, **overrides)
     if kind == "isolated":
-        return [train_isolated_op(store, backbone, n, **kw) for n in names
+        return [train_isolated_op(store, backbone, n, core=core, **kw) for n in names
                 if not (only_missing and head_cid(n) in have)]
     if only_missing and ROUTER_CIDS[kind] in have:
         return []
