@@ -65,6 +65,11 @@ def test_colour_store_through_every_path(colour_backbone, tmp_path):
     assert f"20x20 RGB images fitted to the backbone's {size}x{size} RGB (lanczos)" in res.output
     res = run(app, ["add", str(tmp_path / "b.npz"), "--name", "b", *train, *common])
     assert res.exit_code == 0, res.output
+    res = run(app, ["add", str(tmp_path / "b.npz"), "--name", "private", "--dp-epsilon", "8", "--steps", "2",
+                    "--prompts", "2", "--batch-size", "8", *common])  # DP-SGD on colour images
+    assert res.exit_code == 0, res.output
+    with Store.open(st_dir) as st:
+        assert st.compartment("private")["manifest"]["dp"]["epsilon"] <= 8
 
     # composed, class-conditional and unconditional: colour sample files with their spec
     res = run(app, ["sample", *common, "--sources", "a,b", "--per-class", "1", "--steps", "3", "--out",
