@@ -5,6 +5,8 @@ and glyphs are 28x28 grey, white ink (255) on black (0), MNIST style. A :class:`
 content hash that does not depend on sample order; :func:`load_source` resolves command-line specs.
 """
 
+from .emoji import ARTISTS as EMOJI_ARTISTS
+from .emoji import EMOJI_CATEGORIES, emoji, emoji_license, emoji_metadata
 from .files import FILTERS, fit, load_folder, load_npz
 from .glyphs import CHARSETS, FONT_NAMES, available_fonts, glyphs
 from .mnist import MNIST_CLASSES, PUBLIC_PER_CLASS, mnist, public_protected
@@ -15,6 +17,8 @@ from .splits import split_by_classes, split_stratified
 
 __all__ = [
     "CHARSETS",
+    "EMOJI_ARTISTS",
+    "EMOJI_CATEGORIES",
     "FILTERS",
     "FONT_NAMES",
     "IMAGE_SIZE",
@@ -26,6 +30,9 @@ __all__ = [
     "Source",
     "available_fonts",
     "concat_sources",
+    "emoji",
+    "emoji_license",
+    "emoji_metadata",
     "fit",
     "glyphs",
     "load_folder",

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 from ..errors import DataError
+from .emoji import emoji_from_spec
 from .files import load_folder, load_npz
 from .glyphs import CHARSETS, glyphs
 from .mnist import mnist, public_protected
@@ -22,6 +23,9 @@ accepted sources:
   glyphs[:CHARSET][:N][:seed=S]                   synthetic glyphs; CHARSET digits|letters|all (default digits),
                                                   N samples (default 5000, also n=N), seed S (default 0)
   glyphs/CHARSET-sS-nN                            the same, spelled as the id glyphs() gives its sources
+  emoji:ARTIST[:CATEGORY]                         shipped 32x32 RGB emoji labelled by Unicode category; ARTIST noto|
+                                                  twemoji|openmoji|fluent|emojione, CATEGORY a slug such as
+                                                  animals-nature (keeps the 10 classes); same subjects per artist
   PATH                                            a folder of PNG/JPEG images, or an .npz archive
 then any number of split suffixes:
   .../stratK-J  or  .../stratKsSEED-J             part J (0-based) of a stratified split into K parts
@@ -37,7 +41,7 @@ _CLASSES = re.compile(r"(?P<base>.+)/classes\[(?P<groups>[0-9,|\- ]+)\]-(?P<j>\d
 def load_source(spec: str) -> Source:
     """Resolve a source spec; the grammar is in :data:`SPEC_HELP`.
 
-    Names (mnist, glyphs...) win over paths of the same spelling; write ``./mnist`` for a folder named mnist.
+    Names (mnist, glyphs, emoji...) win over paths of the same spelling; write ``./mnist`` for a folder named mnist.
     A path is tried whole before split suffixes are peeled off its end, so a folder may be called ``strat2-0``.
     Ids of the sources returned are specs that resolve to the same content.
     """
@@ -53,6 +57,8 @@ def load_source(spec: str) -> Source:
         return _glyphs_from_options(spec)
     if m := _GLYPH_ID.fullmatch(spec):
         return _glyphs(spec, m["charset"], int(m["n"]), int(m["seed"]))
+    if spec.startswith("emoji:") and "/" not in spec:
+        return emoji_from_spec(spec)
     path = Path(spec)
     if path.is_dir():
         return load_folder(path, id=spec.rstrip("/") or spec)
