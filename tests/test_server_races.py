@@ -23,7 +23,9 @@ from serverkit import Server, build_store, post_generate, small_parts
 
 KEYS = {"admin": None, "hb": ["alpha", "beta"], "imp": ["alpha"], "other": ["beta", "gamma"], "third": ["gamma"]}
 TINY = {"n": 1, "steps": 2}
-SLOW = {"n": 16, "steps": 400, "classes": [0]}  # a few seconds on the tiny backbone
+# Seconds on the tiny backbone even on an idle machine (at 400 steps an idle CI machine answered a request in under
+# the 1 s its client waited, so "a running request whose client leaves" was not running any more).
+SLOW = {"n": 48, "steps": 1000, "classes": [0]}
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +40,7 @@ def _server(built, tmp_path, *args) -> tuple[Server, dict]:
     _, store, bb, tokens = built
     copy = tmp_path / "store"
     shutil.copytree(store, copy, ignore=shutil.ignore_patterns(".lock"))
-    return Server(copy, bb, "--max-steps", "400", *args), tokens
+    return Server(copy, bb, "--max-steps", str(SLOW["steps"]), "--max-n", str(SLOW["n"]), *args), tokens
 
 
 def _wait_for(srv, what, predicate, timeout=30.0):
@@ -195,7 +197,8 @@ def test_abandoned_requests_free_their_places_and_keys_have_a_share(built, tmp_p
         assert sorted(by_key["imp"]) == [499] * 5 + [503], by_key
         assert by_key["other"] == [200] and by_key["third"] == [200], by_key
         ran = next(r for r in gen if r["actor"] == "other")["details"]
-        assert ran["sources"] == ["beta", "gamma"] and ran["n"] == 16 and ran["steps"] == 400 and ran["seed"] == 0
+        assert ran["sources"] == ["beta", "gamma"] and ran["n"] == SLOW["n"] and ran["seed"] == 0
+        assert ran["steps"] == SLOW["steps"]
         dump = json.dumps(log)
         assert not any(tok in dump for tok in tokens.values())
     finally:

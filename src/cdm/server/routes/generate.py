@@ -105,6 +105,9 @@ def generate_router(ctx: Context) -> APIRouter:
                     raise HTTPException(422, f"classes {bad} are not classes of this backbone (0..{n_classes - 1})")
                 if not req.classes:
                     raise HTTPException(422, "classes is empty: leave it out (null) for unconditional images")
+            t_max = engine.backbone.schedule.num_train_timesteps
+            if req.steps > t_max:
+                raise HTTPException(422, f"steps must be at most {t_max} (the backbone's noise schedule has {t_max})")
             names = await engine.io.run(_check_sources, ctx, key, req.sources)  # fail fast; checked again at start
             resolve_solver(req.weighting, len(names), req.solver)  # fail fast, before the queue
             out = await engine.generate(key=key.name, resolve=partial(_resolve, token_of(request), key.name, req),
