@@ -36,22 +36,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from cdm.data.emoji import ARTISTS as EMOJI_ARTISTS
+from cdm.data.emoji import EMOJI_CATEGORIES
+
 SIZE = 32
 SVG_PX = 128
 OUT = Path(__file__).resolve().parents[1] / "src" / "cdm" / "data" / "emoji"
-CATEGORIES = (
-    "Smileys & Emotion",
-    "People & Body",
-    "Component",
-    "Animals & Nature",
-    "Food & Drink",
-    "Travel & Places",
-    "Activities",
-    "Objects",
-    "Symbols",
-    "Flags",
-)
-ARTISTS = ("noto", "twemoji", "openmoji", "fluent", "emojione")
+CATEGORIES = EMOJI_CATEGORIES  # the classes, in label order (cdm.data.emoji reads them back)
+ARTISTS = tuple(EMOJI_ARTISTS)
 GEMOJIONE = "gemojione/usr/share/rubygems-integration/all/gems/gemojione-3.3.0"
 
 
