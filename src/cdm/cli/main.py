@@ -633,8 +633,8 @@ def serve(
     _threads(threads)
     with _open_store(store) as st:
         bb = store_backbone(st, backbone)
+        live = [k for k in list_keys(st) if k.revoked_at is None]
     asgi = create_app(store, backbone=bb, limits=limits)
-    live = [k for k in list_keys(store) if k.revoked_at is None]
     if not live:
         console.print(f"no API key yet: make one with `cdm keys create admin --admin --store {store}`")
     console.print(f"serving {store} on http://{host}:{port}/ ({len(live)} live key(s); API docs at /docs)")
@@ -668,8 +668,8 @@ def keys_list(store: Path = _store_option()) -> None:
     table = Table(title=f"API keys of {store}")
     for col in ("name", "admin", "sources", "prefix", "created", "revoked"):
         table.add_column(col)
-    with _open_store(store):
-        keys = list_keys(store)
+    with _open_store(store) as st:
+        keys = list_keys(st)
     for k in keys:
         table.add_row(k.name, "yes" if k.admin else "", ",".join(k.sources), k.prefix + "...", k.created_at[:19],
                       (k.revoked_at or "")[:19])

@@ -13,7 +13,7 @@ from ..errors import CdmError
 from ..composition.registry import REGISTRY, names
 from ..store import Store
 from .results import HeadsTrained, StoredCompartment
-from .sources import _require_store_backbone, load_compartment, source_data
+from .sources import require_store_backbone, load_compartment, source_data
 
 __all__ = ["ISOLATED_KIND", "LEARNED_WEIGHTINGS", "ROUTER_CIDS", "head_cid", "load_weighting", "runnable_weightings",
            "train_heads", "train_isolated_op", "train_router_op"]
@@ -51,7 +51,7 @@ def train_router_op(store: Store, backbone: Backbone, names: list[str] | None = 
     if kind not in ROUTER_CIDS:
         raise CdmError(f"unknown joint weighting kind {kind!r}; known: {', '.join(ROUTER_CIDS)} "
                        "(isolated heads: train_isolated_op)")
-    _require_store_backbone(store, backbone)
+    require_store_backbone(store, backbone)
     cfg = _head_config(cfg, overrides)
     names = list(dict.fromkeys(names or _compartment_names(store)))
     if len(names) < 2:
@@ -84,7 +84,7 @@ def train_isolated_op(store: Store, backbone: Backbone, name: str, *, core: Sour
     from ..composition.heads import state_tensors
     from ..data import public_protected
 
-    _require_store_backbone(store, backbone)
+    require_store_backbone(store, backbone)
     cfg = _head_config(cfg, overrides)
     comp_row = store.compartment(name)
     if comp_row["kind"] != "compartment":

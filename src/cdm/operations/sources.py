@@ -23,24 +23,21 @@ from ..training.record import TrainingRecord
 from .results import Added, Retrain, SamplesForgotten, SourceForgotten, StoredCompartment
 
 __all__ = ["PARAGON", "add_source", "add_source_dp", "check_add", "forget_samples", "forget_source",
-           "load_compartment", "paragon_config", "source_data", "store_backbone", "train_paragon"]
+           "load_compartment", "paragon_config", "require_store_backbone", "source_data", "store_backbone",
+           "train_paragon"]
 
 PARAGON = "paragon"
 
 
-def store_backbone(store: Store, backbone: Backbone | str | Path | None = None, *, bind: bool = False) -> Backbone:
+def store_backbone(store: Store, backbone: Backbone | str | Path | None = None) -> Backbone:
     """The backbone every command on ``store`` trains and samples with: the store's own (recorded when the store
     was created), or ``backbone`` when the store has none yet (default: the shipped one). An explicit
     ``backbone`` (a :class:`Backbone`, a directory or ``shipped:NAME``) with another hash than the store's is
-    refused, naming both. ``bind``: record the backbone in a store that has none (the first write does that
-    anyway); also fills in where a store that knows only the hash can find it."""
+    refused, naming both. Nothing is written (the first compartment records the backbone)."""
     have = store.backbone
     if backbone is not None:
         bb = backbone if isinstance(backbone, Backbone) else Backbone.from_pretrained(backbone)
-        if have is not None and bb.hash != have["hash"]:
-            raise CdmError(f"backbone {bb.ref or '(in memory)'} is {bb.hash[:12]}, but store {store.path} was "
-                           f"created with backbone {have['hash'][:12]}"
-                           + (f" ({have['ref']})" if have["ref"] else "") + ": leave out --backbone to use the store's")
+        require_store_backbone(store, bb)
     elif have is None:
         bb = Backbone.from_pretrained(DEFAULT_BACKBONE)
     elif have["ref"] is not None:
@@ -64,17 +61,17 @@ def store_backbone(store: Store, backbone: Backbone | str | Path | None = None, 
         else:
             raise CdmError(f"store {store.path} was made with backbone {have['hash'][:12]}, which is not shipped: "
                            "pass --backbone DIR")
-    if bind and (have is None or (have["ref"] is None and bb.ref is not None)):
-        store.set_backbone(bb.hash, bb.ref)
     return bb
 
 
-def _require_store_backbone(store: Store, backbone: Backbone) -> dict | None:
-    """Refuse a backbone that is not the store's (before anything is written); returns the store's record."""
+def require_store_backbone(store: Store, backbone: Backbone) -> dict | None:
+    """Refuse a backbone that is not the store's (before anything is written), naming both hashes; returns the
+    store's record."""
     have = store.backbone
     if have is not None and have["hash"] != backbone.hash:
         raise CdmError(f"backbone {backbone.ref or '(in memory)'} is {backbone.hash[:12]}, but store {store.path} "
-                       f"was created with backbone {have['hash'][:12]}: leave out --backbone to use the store's")
+                       f"was created with backbone {have['hash'][:12]}"
+                       + (f" ({have['ref']})" if have["ref"] else "") + ": leave out --backbone to use the store's")
     return have
 
 
@@ -138,7 +135,7 @@ def add_source(store: Store, backbone: Backbone, source: Source, *, name: str, c
     existing = {r["cid"] for r in store.compartments()}
     if name in existing:
         raise StoreError(f"source '{name}' already has a compartment; forget it first or choose another name")
-    have = _require_store_backbone(store, backbone)
+    have = require_store_backbone(store, backbone)
     if have is None or have["ref"] is None:
         store.set_backbone(backbone.hash, backbone.ref, actor=actor)
     store.add_source(name, content_hash=source.content_hash, n=len(source), classes=list(source.classes),
@@ -191,7 +188,7 @@ def train_paragon(store: Store, backbone: Backbone, *, cfg: CompartmentConfig | 
     names = sources or [s["id"] for s in store.sources()]
     if not names:
         raise StoreError("the store has no sources to train a paragon on")
-    _require_store_backbone(store, backbone)
+    require_store_backbone(store, backbone)
     cfg = cfg if cfg is not None else paragon_config(store, names)
     union = concat_sources([source_data(store, n) for n in names], id="+".join(names))
     comp, record = train_compartment(backbone, union, cfg, work_dir=store.work_dir(PARAGON, sources=names),
@@ -225,7 +222,7 @@ def forget_samples(store: Store, backbone: Backbone, name: str, sample_ids: list
     if not sample_ids:
         raise CdmError("no sample ids given")
     row = store.compartment(name)
-    _require_store_backbone(store, backbone)
+    require_store_backbone(store, backbone)
     if row["backbone_hash"] != backbone.hash:  # (a store from before backbones were recorded)
         raise CdmError(f"compartment '{name}' was trained on backbone {row['backbone_hash'][:12]}, not "
                        f"{backbone.hash[:12]}: an exact retrain needs the same backbone")
