@@ -74,7 +74,7 @@ def _logits(model, images):
 def test_save_load_round_trip_gives_identical_logits(tmp_path, trained, digits):
     model, record = trained
     model.save_pretrained(tmp_path / "clf", record=record)
-    assert json.loads((tmp_path / "clf" / CONFIG_NAME).read_text())["kind"] == "digit-classifier"
+    assert json.loads((tmp_path / "clf" / CONFIG_NAME).read_text())["kind"] == "image-classifier"
     assert json.loads((tmp_path / "clf" / "training.json").read_text())["steps"] == 100
     loaded = DigitClassifier.from_pretrained(tmp_path / "clf")
     assert not loaded.training

@@ -43,6 +43,9 @@ Density = _choices("Density", ("auto", "class-mixture", "prompt-row"))
 AttributionWeighting = _choices("AttributionWeighting", ("ode", *(k for k in weighting_names() if REGISTRY[k].heads)))
 Accountant = _choices("Accountant", ("rdp", "prv"))
 Profile = _choices("Profile", ("toy", "quick", "full"))
+Dataset = _choices("Dataset", ("digits", "emoji"))
+# per dataset: the shipped backbone and judge its commands default to
+DATASET_WEIGHTS = {"digits": ("backbone", "classifier"), "emoji": ("backbone-emoji", "judge-emoji")}
 Filter = _choices("Filter", FILTERS)
 WEIGHTING_HELP = "How composition weights are obtained: " + "; ".join(
     f"{k}: {REGISTRY[k].help}" for k in weighting_names()) + "."
@@ -226,11 +229,13 @@ def sample(
 def train_classifier_cmd(
     out: Path = typer.Option(..., help="Directory for the classifier bundle (a new one: the shipped classifier is "
                                        "shipped:classifier and is never overwritten from here)."),
-    steps: int = typer.Option(800, help="Optimiser steps."),
+    steps: int | None = typer.Option(None, help="Optimiser steps (default: 800 digits, 3000 emoji)."),
     seed: int = typer.Option(0, help="Seed of initialisation and batches."),
+    dataset: Dataset = typer.Option("digits", help="digits: the digit judge, on the PUBLIC MNIST slice; emoji: the "
+                                    "emoji judge (category and artist), on half 1 of all five artists."),
     threads: int | None = _threads_option(),
 ) -> None:
-    """Train the digit classifier (FID features and judge) on the PUBLIC MNIST slice; report held-out accuracy."""
+    """Train a judge (FID features, class and source heads) and report its accuracy on held-out real images."""
     from ..data import public_protected
     from ..evaluation import down_up, judge, train_classifier
     from ..provenance import git_commit, machine_info
@@ -239,7 +244,18 @@ def train_classifier_cmd(
 
     if out.resolve().is_relative_to(WEIGHTS_DIR.resolve()):
         raise CdmError(f"--out {out} is inside the shipped weights ({WEIGHTS_DIR}); pick another directory")
+    if steps is not None and steps < 1:
+        raise CdmError("--steps must be >= 1")
     _threads(threads)
+    if _value(dataset) == "emoji":
+        from ..evaluation.emoji_judge import train_emoji_judge
+
+        model, record = train_emoji_judge(steps=steps or 3000, seed=seed)
+        record.update(command=_command(), commit=git_commit(), machine=machine_info())
+        model.save_pretrained(out, record=record)
+        console.print_json(json.dumps(record["held_out"]))
+        return
+    steps = steps or 800
     public, protected = public_protected()
     model, record = train_classifier(public.images, public.labels, steps=steps, seed=seed)
     plain = judge(model, protected.images, protected.labels)
@@ -271,18 +287,35 @@ def score(
 
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("out/demo"), help="Report directory (the demo's store is OUT/store)."),
-    backbone: Path = typer.Option(DEFAULT_BACKBONE, help="Backbone directory or shipped:NAME."),
-    classifier: Path = typer.Option(DEFAULT_CLASSIFIER, help="Classifier directory (judge and FID features)."),
-    per_class: int = typer.Option(10, help="Images per class in each grid."),
-    steps: int = typer.Option(300, help="Training steps per demo compartment."),
+    out: Path | None = typer.Option(None, help="Report directory, the demo's store is OUT/store (default: "
+                                    "out/demo, out/demo-emoji)."),
+    dataset: Dataset = typer.Option("digits", help="digits: two digit sources; emoji: four artists' emoji on a "
+                                    "backbone that saw only Noto's."),
+    backbone: Path | None = typer.Option(None, help="Backbone directory or shipped:NAME (default: the dataset's "
+                                         "shipped one)."),
+    classifier: Path | None = typer.Option(None, help="Judge directory (default: the dataset's shipped one)."),
+    per_class: int | None = typer.Option(None, help="Images per class in each grid (default: 10 digits, 6 emoji)."),
+    steps: int | None = typer.Option(None, help="Training steps per demo compartment (default: 300 digits, "
+                                     "250 emoji)."),
     seed: int = typer.Option(0, help="Seed of training and sampling."),
 ) -> None:
-    """The main job on the embedded data: backbone samples, two compartments, a forget; writes report.md."""
-    from ..demo import run_demo
+    """The main job on the embedded data: backbone samples, compartments, composition, attribution, a forget;
+    writes report.md."""
+    name = _value(dataset)
+    bb_name, judge_name = DATASET_WEIGHTS[name]
+    backbone, classifier = backbone or shipped(bb_name), classifier or shipped(judge_name)
+    if name == "emoji":
+        from ..demo_emoji import run_emoji_demo
 
-    run_demo(out, backbone=backbone, classifier=classifier, per_class=per_class, steps=steps, seed=seed,
-             log=console.print)
+        out = out or Path("out/demo-emoji")
+        run_emoji_demo(out, backbone=backbone, judge=classifier, per_class=per_class or 6, steps=steps or 250,
+                       seed=seed, log=console.print)
+    else:
+        from ..demo import run_demo
+
+        out = out or Path("out/demo")
+        run_demo(out, backbone=backbone, classifier=classifier, per_class=per_class or 10, steps=steps or 300,
+                 seed=seed, log=console.print)
     console.print(f"report -> {out / 'report.md'}; store -> {out / 'store'} (try `cdm sources --store "
                   f"{out / 'store'}`)")
 
@@ -290,18 +323,35 @@ def demo(
 @app.command()
 def bench(
     profile: Profile = typer.Option("quick", help="toy (seconds, CI), quick (under 25 min on 2 cores) or full."),
-    out: Path = typer.Option(Path("out/bench"), help="Results directory (resumable: rerun to continue)."),
-    parts: str = typer.Option("all", help="Comma-separated parts, or all: paragon, table1, two_domain, cost, "
-                              "continual, forget, memorization, dp, attribution."),
-    backbone: Path = typer.Option(DEFAULT_BACKBONE, help="Backbone directory or shipped:NAME."),
-    classifier: Path = typer.Option(DEFAULT_CLASSIFIER, help="Classifier directory (judge and FID features)."),
+    dataset: Dataset = typer.Option("digits", help="digits: the seed paper's evaluation on MNIST; emoji: five "
+                                    "artists, Noto public and four protected."),
+    out: Path | None = typer.Option(None, help="Results directory, resumable: rerun to continue (default: "
+                                    "out/bench, out/bench-emoji)."),
+    parts: str = typer.Option("all", help="Comma-separated parts, or all. digits: paragon, table1, two_domain, "
+                              "cost, continual, forget, memorization, dp, attribution; emoji: judge, backbone, "
+                              "artists, composed, attribution, memorization, forget."),
+    backbone: Path | None = typer.Option(None, help="Backbone directory or shipped:NAME (default: the dataset's)."),
+    classifier: Path | None = typer.Option(None, help="Judge directory (default: the dataset's shipped one)."),
     threads: int | None = _threads_option(),
     device: str = typer.Option("cpu", help="Where the backbone's transformer runs: cpu, cuda, cuda:1 ..."),
 ) -> None:
-    """The seed paper's evaluation on the embedded data: results.json, report.md, plots, sample sets."""
+    """The benchmark on the embedded data: results.json, report.md, plots, sample sets."""
+    name = _value(dataset)
+    bb_name, judge_name = DATASET_WEIGHTS[name]
+    backbone, classifier = backbone or shipped(bb_name), classifier or shipped(judge_name)
+    _threads(threads)
+    if name == "emoji":
+        from ..benchmark.emoji import EMOJI_PARTS, run_emoji_bench
+
+        out = out or Path("out/bench-emoji")
+        chosen = EMOJI_PARTS if parts == "all" else tuple(p.strip() for p in parts.split(",") if p.strip())
+        run_emoji_bench(_value(profile), out, backbone=backbone, judge=classifier, parts=chosen,
+                        meta={"command": _command()})
+        console.print(f"report -> {out / 'report.md'}")
+        return
     from ..benchmark import PARTS, run_bench
 
-    _threads(threads)
+    out = out or Path("out/bench")
     chosen = PARTS if parts == "all" else tuple(p.strip() for p in parts.split(",") if p.strip())
     res = run_bench(_value(profile), out, backbone=backbone, classifier=classifier, parts=chosen, progress=False,
                     meta={"command": _command()}, device=_device(device))
@@ -646,15 +696,19 @@ def keys_create(
     name: str = typer.Argument(..., help="Key name (the actor in the audit log)."),
     store: Path = _store_option(),
     sources: str = typer.Option("", help="Comma-separated sources this key may use."),
+    tags: str = typer.Option("", help="Comma-separated access-tag patterns: every source so tagged, now or later "
+                             "(e.g. 'license:CC-BY-*')."),
     admin: bool = typer.Option(False, help="An admin key: every source, and the admin endpoints."),
 ) -> None:
     """Create an API key; prints the token once (only its sha256 is stored)."""
     from ..server.keys import create_key
 
     with _open_store(store) as st:
-        token, key = create_key(st, name, sources=[s for s in sources.split(",") if s], admin=admin)
-    console.print(f"key '{key.name}'" + (" (admin)" if key.admin else f" for {', '.join(key.sources) or 'no source'}")
-                  + ": keep the token, it is not stored")
+        token, key = create_key(st, name, sources=[s for s in sources.split(",") if s],
+                                tags=[t for t in tags.split(",") if t], admin=admin)
+    rights = "(admin)" if key.admin else "for " + (", ".join(key.sources) or "no source") + \
+        (f" (tags {', '.join(key.tags)})" if key.tags else "")
+    console.print(f"key '{key.name}' {rights}: keep the token, it is not stored")
     print(token)
 
 
@@ -666,12 +720,13 @@ def keys_list(store: Path = _store_option()) -> None:
     from ..server.keys import list_keys
 
     table = Table(title=f"API keys of {store}")
-    for col in ("name", "admin", "sources", "prefix", "created", "revoked"):
+    for col in ("name", "admin", "sources", "tags", "prefix", "created", "revoked"):
         table.add_column(col)
     with _open_store(store) as st:
         keys = list_keys(st)
     for k in keys:
-        table.add_row(k.name, "yes" if k.admin else "", ",".join(k.sources), k.prefix + "...", k.created_at[:19],
+        table.add_row(k.name, "yes" if k.admin else "", ",".join(k.sources), ",".join(k.tags), k.prefix + "...",
+                      k.created_at[:19],
                       (k.revoked_at or "")[:19])
     Console().print(table)
 

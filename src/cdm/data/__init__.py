@@ -6,7 +6,7 @@ content hash that does not depend on sample order; :func:`load_source` resolves 
 """
 
 from .emoji import ARTISTS as EMOJI_ARTISTS
-from .emoji import EMOJI_CATEGORIES, emoji, emoji_license, emoji_metadata
+from .emoji import EMOJI_CATEGORIES, emoji, emoji_license, emoji_metadata, license_of
 from .files import FILTERS, fit, load_folder, load_npz
 from .glyphs import CHARSETS, FONT_NAMES, available_fonts, glyphs
 from .mnist import MNIST_CLASSES, PUBLIC_PER_CLASS, mnist, public_protected
@@ -33,6 +33,7 @@ __all__ = [
     "emoji",
     "emoji_license",
     "emoji_metadata",
+    "license_of",
     "fit",
     "glyphs",
     "load_folder",

@@ -28,6 +28,7 @@ __all__ = [
     "emoji_license",
     "emoji_metadata",
     "emoji_from_spec",
+    "license_of",
 ]
 
 EMOJI_DIR = Path(__file__).resolve().parent / "emoji"
@@ -133,6 +134,13 @@ def emoji_license(artist: str) -> str:
     """The licence text that covers the shipped images of ``artist``."""
     _check_artist(artist)
     return (EMOJI_DIR / "licenses" / LICENSE_FILES[ARTISTS[artist][1]]).read_text(encoding="utf-8")
+
+
+def license_of(source_id: str) -> str | None:
+    """The SPDX licence of a source whose id (or spec) names shipped emoji, ``emoji:ARTIST...`` (split suffixes
+    and fits keep the prefix); None for anything else. ``cdm add`` records it as the tag ``license:<SPDX>``."""
+    m = re.match(r"emoji:([a-z0-9_-]+)", source_id)
+    return ARTISTS[m[1]][1] if m and m[1] in ARTISTS else None
 
 
 def emoji_from_spec(spec: str) -> Source:

@@ -1,4 +1,5 @@
-"""Judging generated digits: a small digit classifier, its accuracy/confidence on samples, and FID on its features."""
+"""Judging generated images: a small classifier (class and, optionally, source heads), its accuracy/confidence on
+samples, and FID on its features."""
 
 from __future__ import annotations
 
@@ -7,18 +8,20 @@ from .classifier import (
     TRAINING_RECORD_NAME,
     ClassifierConfig,
     DigitClassifier,
+    ImageClassifier,
     check_images,
     down_up,
     to_input,
     train_classifier,
 )
-from .metrics import FeatureExtractor, FIDScorer, classify, fid, judge, score_samples
+from .metrics import FeatureExtractor, FIDScorer, classify, fid, judge, score_samples, source_probs
 
 __all__ = [
     "CLASSIFIER_KIND",
     "TRAINING_RECORD_NAME",
     "ClassifierConfig",
     "DigitClassifier",
+    "ImageClassifier",
     "FIDScorer",
     "FeatureExtractor",
     "check_images",
@@ -27,6 +30,7 @@ __all__ = [
     "fid",
     "judge",
     "score_samples",
+    "source_probs",
     "to_input",
     "train_classifier",
 ]

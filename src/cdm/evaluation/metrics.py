@@ -1,7 +1,7 @@
-"""Scores for generated digits, computed with a :class:`~cdm.evaluation.classifier.DigitClassifier`.
+"""Scores for generated images, computed with an :class:`~cdm.evaluation.classifier.ImageClassifier`.
 
-* :func:`classify` / :func:`judge`: does a sample look like the digit it was asked for, and how sure is the
-  classifier?
+* :func:`classify` / :func:`judge`: does a sample look like the class it was asked for, and how sure is the
+  classifier? :func:`source_probs`: which source (artist) the source head reads in each sample.
 * :func:`fid`: a Fréchet distance between the classifier's penultimate features of two image sets, through
   torchmetrics' ``FrechetInceptionDistance`` with :class:`FeatureExtractor` in place of Inception (nothing is
   downloaded). The numbers are in this classifier's feature units: comparable between runs scored with the same
@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from ..errors import DataError
-from .classifier import DigitClassifier, check_images, to_input
+from .classifier import ImageClassifier
 
-__all__ = ["FIDScorer", "FeatureExtractor", "classify", "fid", "judge", "score_samples"]
+__all__ = ["FIDScorer", "FeatureExtractor", "classify", "fid", "judge", "score_samples", "source_probs"]
 
 
 def _batches(n: int, batch_size: int):
@@ -32,21 +32,21 @@ def _batches(n: int, batch_size: int):
 
 
 @torch.no_grad()
-def classify(model: DigitClassifier, images_uint8: Any, batch_size: int = 500
+def classify(model: ImageClassifier, images_uint8: Any, batch_size: int = 500
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Run the classifier on uint8 images ``(N, 28, 28)``.
+    """Run the classifier on uint8 images of its size and channels (``(N, 28, 28)`` for the digit judge).
 
     Returns ``(pred (N,) int64, max_prob (N,) float32, features (N, feature_dim) float32)``. The model is run in
     eval mode without gradients; its train/eval mode is restored afterwards.
     """
-    images = check_images(images_uint8)
+    images = model.check(images_uint8)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     preds, probs, feats = [], [], []
     try:
         for sl in _batches(images.shape[0], batch_size):
-            x = to_input(images[sl]).to(device)
+            x = model.to_input(images[sl]).to(device)
             f = model.features(x)
             p = torch.softmax(model.head(f).float(), dim=1)
             top, arg = p.max(dim=1)
@@ -58,12 +58,29 @@ def classify(model: DigitClassifier, images_uint8: Any, batch_size: int = 500
     return torch.cat(preds).numpy().astype(np.int64), torch.cat(probs).numpy(), torch.cat(feats).numpy()
 
 
-def judge(model: DigitClassifier, images: Any, requested_labels: Any, batch_size: int = 500) -> dict[str, float | int]:
-    """How often the classifier sees the requested digit, and its mean confidence (max softmax probability).
+@torch.no_grad()
+def source_probs(model: ImageClassifier, images_uint8: Any, batch_size: int = 500) -> np.ndarray:
+    """The source head's probabilities ``(N, num_sources)`` for uint8 images (e.g. which artist drew each)."""
+    images = model.check(images_uint8)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    try:
+        for sl in _batches(images.shape[0], batch_size):
+            f = model.features(model.to_input(images[sl]).to(device))
+            out.append(torch.softmax(model.source_logits(f).float(), dim=1).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out).numpy()
+
+
+def judge(model: ImageClassifier, images: Any, requested_labels: Any, batch_size: int = 500) -> dict[str, float | int]:
+    """How often the classifier sees the requested class, and its mean confidence (max softmax probability).
 
     Returns ``{"accuracy": float, "mean_max_prob": float, "n": int}``.
     """
-    images = check_images(images)
+    images = model.check(images)
     labels = np.asarray(requested_labels)
     if labels.shape != (images.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
         raise DataError(f"requested_labels: expected {images.shape[0]} integers, got shape {labels.shape} "
@@ -75,8 +92,9 @@ def judge(model: DigitClassifier, images: Any, requested_labels: Any, batch_size
 class FeatureExtractor(nn.Module):
     """The classifier's penultimate features, shaped for torchmetrics' ``FrechetInceptionDistance(feature=...)``.
 
-    Input: **uint8** images ``(N, 1, 28, 28)`` (``(N, 28, 28)`` also works), pixels 0..255, white on black: the
-    dtype torchmetrics' FID expects with its default ``normalize=False``. Other dtypes raise :class:`DataError`.
+    Input: **uint8** images ``(N, C, H, W)`` of the classifier's size and channels (``(N, 1, 28, 28)`` for the
+    digit judge; ``(N, H, W)`` also works for grey), pixels 0..255: the dtype torchmetrics' FID expects with its
+    default ``normalize=False``. Other dtypes or shapes raise :class:`DataError`.
     Output: float64 ``(N, feature_dim)``. Returning float64 matters: torchmetrics accumulates the statistics in
     float64 either way, but casts the final FID back to the dtype of the features it was given.
 
@@ -84,7 +102,7 @@ class FeatureExtractor(nn.Module):
     classifier always runs in eval mode (``train()`` is a no-op) and without gradients.
     """
 
-    def __init__(self, model: DigitClassifier) -> None:
+    def __init__(self, model: ImageClassifier) -> None:
         super().__init__()
         self.model = model
         self.num_features = int(model.feature_dim)
@@ -99,15 +117,18 @@ class FeatureExtractor(nn.Module):
             raise DataError(f"FeatureExtractor: expected a uint8 tensor, got {getattr(imgs, 'dtype', type(imgs))}")
         if imgs.ndim == 3:
             imgs = imgs.unsqueeze(1)
-        if imgs.ndim != 4 or imgs.shape[1:] != (1, 28, 28):
-            raise DataError(f"FeatureExtractor: expected shape (N, 1, 28, 28), got {tuple(imgs.shape)}")
+        c, size = self.model.config.channels, self.model.config.image_size
+        if imgs.ndim != 4 or imgs.shape[1:] != (c, size, size):
+            raise DataError(f"FeatureExtractor: expected shape (N, {c}, {size}, {size}), got {tuple(imgs.shape)}")
         device = next(self.model.parameters()).device
         x = imgs.to(device=device, dtype=torch.float32) / 127.5 - 1.0
         return self.model.features(x).double()
 
 
-def _as_uint8_tensor(images: Any, what: str) -> torch.Tensor:
-    return torch.tensor(np.asarray(check_images(images, what))).unsqueeze(1)
+def _as_uint8_tensor(model: ImageClassifier, images: Any, what: str) -> torch.Tensor:
+    """uint8 ``(N, C, H, W)`` for torchmetrics from images as the data layer keeps them."""
+    x = torch.tensor(np.asarray(model.check(images, what)))
+    return x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2).contiguous()
 
 
 class FIDScorer:
@@ -120,10 +141,11 @@ class FIDScorer:
     sample-side statistics between calls.
     """
 
-    def __init__(self, model: DigitClassifier, reference_uint8: Any, batch_size: int = 500) -> None:
+    def __init__(self, model: ImageClassifier, reference_uint8: Any, batch_size: int = 500) -> None:
         from torchmetrics.image.fid import FrechetInceptionDistance
 
-        reference = _as_uint8_tensor(reference_uint8, "reference images")
+        self.model = model
+        reference = _as_uint8_tensor(model, reference_uint8, "reference images")
         if reference.shape[0] < 2:
             raise DataError("reference images: FID needs at least 2 images")
         self.batch_size = batch_size
@@ -134,7 +156,7 @@ class FIDScorer:
             self.metric.update(reference[sl], real=True)
 
     def __call__(self, samples_uint8: Any) -> float:
-        samples = _as_uint8_tensor(samples_uint8, "samples")
+        samples = _as_uint8_tensor(self.model, samples_uint8, "samples")
         if samples.shape[0] < 2:
             raise DataError("samples: FID needs at least 2 images")
         self.metric.reset()  # keeps the reference statistics
@@ -143,7 +165,7 @@ class FIDScorer:
         return float(self.metric.compute())
 
 
-def fid(model: DigitClassifier, samples_uint8: Any, reference_uint8: Any, batch_size: int = 500) -> float:
+def fid(model: ImageClassifier, samples_uint8: Any, reference_uint8: Any, batch_size: int = 500) -> float:
     """Fréchet distance between the classifier features of uint8 ``samples`` and ``reference`` images.
 
     Both sets need at least 2 images; with fewer images than ``feature_dim`` the covariances are rank-deficient
@@ -152,7 +174,7 @@ def fid(model: DigitClassifier, samples_uint8: Any, reference_uint8: Any, batch_
     return FIDScorer(model, reference_uint8, batch_size=batch_size)(samples_uint8)
 
 
-def score_samples(images: np.ndarray, labels: np.ndarray | None, classifier: DigitClassifier, reference) -> dict:
+def score_samples(images: np.ndarray, labels: np.ndarray | None, classifier: ImageClassifier, reference) -> dict:
     """Judge accuracy / confidence against requested labels and FID against a reference source."""
     result = {"n": int(len(images)), "reference": reference.id,
               "fid": round(fid(classifier, images, reference.images), 3)}

@@ -14,12 +14,12 @@ from .learned import (ISOLATED_KIND, LEARNED_WEIGHTINGS, ROUTER_CIDS, head_cid, 
                       train_heads, train_isolated_op, train_router_op)
 from .results import (Added, Attribution, CompartmentUsed, Generation, HeadsTrained, Retrain, SamplesForgotten,
                       SourceForgotten, StoredCompartment)
-from .sources import (PARAGON, add_source, add_source_dp, check_add, forget_samples, forget_source, load_compartment,
-                      paragon_config, source_data, store_backbone, train_paragon)
+from .sources import (PARAGON, add_source, add_source_dp, check_add, forget_samples, forget_source, license_tags,
+                      load_compartment, paragon_config, source_data, store_backbone, train_paragon)
 
 __all__ = ["DENSITIES", "ISOLATED_KIND", "LEARNED_WEIGHTINGS", "PARAGON", "ROUTER_CIDS", "Added", "Attribution",
            "CompartmentUsed", "Generation", "HeadsTrained", "Retrain", "SamplesForgotten", "SourceForgotten",
            "StoredCompartment", "add_source", "add_source_dp", "attribute_samples", "check_add", "class_counts",
            "class_mixture_bank", "compose", "forget_samples", "forget_source", "generate_from_store", "head_cid",
-           "load_compartment", "load_weighting", "paragon_config", "runnable_weightings", "source_data",
+           "license_tags", "load_compartment", "load_weighting", "paragon_config", "runnable_weightings", "source_data",
            "store_backbone", "train_heads", "train_isolated_op", "train_paragon", "train_router_op"]

@@ -15,14 +15,14 @@ import torch
 
 from ..backbone import DEFAULT_BACKBONE, Backbone
 from ..compartments import Compartment, CompartmentConfig
-from ..data import Source, concat_sources, load_npz
+from ..data import Source, concat_sources, license_of, load_npz
 from ..errors import CdmError
 from ..store import Store, StoreError, check_source_name
 from ..training.compartment import check_source_fits, train_compartment
 from ..training.record import TrainingRecord
 from .results import Added, Retrain, SamplesForgotten, SourceForgotten, StoredCompartment
 
-__all__ = ["PARAGON", "add_source", "add_source_dp", "check_add", "forget_samples", "forget_source",
+__all__ = ["PARAGON", "add_source", "add_source_dp", "check_add", "forget_samples", "forget_source", "license_tags",
            "load_compartment", "paragon_config", "require_store_backbone", "source_data", "store_backbone",
            "train_paragon"]
 
@@ -130,8 +130,12 @@ def add_source(store: Store, backbone: Backbone, source: Source, *, name: str, c
     Everything is checked before the first write (the name, the source against the compartment config and the
     backbone, the backbone against the store's, a DP budget). The source is registered as incomplete until its
     compartment is stored, so an add that is killed is listed (``complete`` False, :meth:`Store.verify`) and
-    resumes when run again."""
+    resumes when run again.
+
+    A source of known licence (shipped emoji: :func:`cdm.data.license_of`) is tagged ``license:<SPDX>`` unless
+    ``tags`` names a licence already, so a key can be granted by licence (``cdm keys create --tags``)."""
     check_add(backbone, source, name=name, cfg=cfg, dp=dp)
+    tags = license_tags(source, tags)
     existing = {r["cid"] for r in store.compartments()}
     if name in existing:
         raise StoreError(f"source '{name}' already has a compartment; forget it first or choose another name")
@@ -150,6 +154,14 @@ def add_source(store: Store, backbone: Backbone, source: Source, *, name: str, c
         return Added(record, None)
     return Added(record, _put(store, name, comp, record, kind="compartment", sources=[name], backbone=backbone,
                               actor=actor))
+
+
+def license_tags(source: Source, tags: tuple[str, ...] | list[str] = ()) -> tuple[str, ...]:
+    """``tags`` plus ``license:<SPDX>`` when the source's licence is known and no ``license:`` tag is given."""
+    lic = license_of(source.id)
+    if lic is None or any(t.startswith("license:") for t in tags):
+        return tuple(tags)
+    return (*tags, f"license:{lic}")
 
 
 def _train(backbone: Backbone, source: Source, cfg: CompartmentConfig, dp, **kwargs):

@@ -3,7 +3,8 @@ created by its schema migrations); this module makes tokens and reads keys as :c
 
 A key is a random token (``cdm_`` + 43 url-safe characters, 256 bits) shown once when it is created; the
 registry keeps only its sha256, a short public prefix (to recognise it in listings), its name (the ``actor``
-of every audit record it causes), whether it is an admin key, and the sources it may use. Grants reference
+of every audit record it causes), whether it is an admin key, and its grants: sources by name, and access-tag
+patterns (``license:CC-BY-*``: every source so tagged, those added later too). Named grants reference
 ``sources(id)`` with ``ON DELETE CASCADE``, so forgetting a source removes its grants in the same transaction.
 A key change and its audit record are one transaction (:meth:`cdm.store.Store.add_key`, ``revoke_key``).
 Revoked keys keep their row (name, prefix, times) for the audit trail and never authenticate again.
@@ -31,25 +32,28 @@ class ApiKeyError(StoreError):
 class ApiKey:
     name: str
     admin: bool
-    sources: tuple[str, ...]  # granted sources (an admin key may use every source, whatever this says)
+    sources: tuple[str, ...]  # what it may use now: named grants and tag matches (an admin key: every source)
     prefix: str
     created_at: str
     created_by: str
     revoked_at: str | None = None
+    granted: tuple[str, ...] = ()  # sources granted by name
+    tags: tuple[str, ...] = ()  # access-tag patterns granted
     id: int = field(default=0, repr=False)
 
     def may_use(self, source: str) -> bool:
         return self.admin or source in self.sources
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "admin": self.admin, "sources": list(self.sources), "prefix": self.prefix,
+        return {"name": self.name, "admin": self.admin, "sources": list(self.sources), "granted": list(self.granted),
+                "tags": list(self.tags), "prefix": self.prefix,
                 "created_at": self.created_at, "created_by": self.created_by, "revoked_at": self.revoked_at}
 
     @classmethod
     def from_row(cls, row: dict) -> ApiKey:
         return cls(name=row["name"], admin=row["admin"], sources=tuple(row["sources"]), prefix=row["prefix"],
                    created_at=row["created_at"], created_by=row["created_by"], revoked_at=row["revoked_at"],
-                   id=row["id"])
+                   granted=tuple(row["granted"]), tags=tuple(row["tags"]), id=row["id"])
 
 
 def hash_token(token: str) -> str:
@@ -63,13 +67,15 @@ def _with_store(store: Store | str | Path, fn):
         return fn(st)
 
 
-def create_key(store: Store, name: str, *, sources: list[str] | tuple[str, ...] = (), admin: bool = False,
+def create_key(store: Store, name: str, *, sources: list[str] | tuple[str, ...] = (),
+               tags: list[str] | tuple[str, ...] = (), admin: bool = False,
                actor: str | None = None) -> tuple[str, ApiKey]:
-    """Create a key; returns ``(token, key)``. The token is not stored anywhere: show it once."""
+    """Create a key granted ``sources`` by name and every source with a tag matching one of ``tags``; returns
+    ``(token, key)``. The token is not stored anywhere: show it once."""
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
     try:
         row = store.add_key(name, key_sha256=hash_token(token), prefix=token[:10], admin=admin, sources=sources,
-                            actor=actor or "cli")
+                            tags=tags, actor=actor or "cli")
     except StoreError as e:
         raise ApiKeyError(str(e)) from None
     return token, ApiKey.from_row(row)

@@ -82,6 +82,8 @@ class KeyCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     name: str = Field(min_length=1, max_length=64)
     sources: list[str] = Field(default_factory=list, max_length=1024)
+    tags: list[str] = Field(default_factory=list, max_length=64,
+                            description="Access-tag patterns: every source so tagged, e.g. license:CC-BY-*")
     admin: bool = False
 
 

@@ -51,6 +51,7 @@ tensors are safetensors, everything else JSON.
 
 from __future__ import annotations
 
+import fnmatch
 import getpass
 import json
 import os
@@ -79,7 +80,7 @@ except ImportError:  # pragma: no cover
 __all__ = ["KINDS", "MANIFEST_NAME", "PROMPTS_NAME", "REGISTRY_NAME", "RESERVED_NAMES", "SCHEMA_VERSION", "Store",
            "check_source_name"]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 APPLICATION_ID = 0x43444D53  # "CDMS": marks a SQLite file as a cdm compartment registry
 REGISTRY_NAME = "registry.sqlite"
 PROMPTS_NAME = "prompts.safetensors"
@@ -124,6 +125,11 @@ CREATE TABLE api_key_sources (           -- grants; forgetting a source deletes 
     source_id TEXT NOT NULL REFERENCES sources(id) ON DELETE CASCADE,
     PRIMARY KEY (key_id, source_id)
 );
+CREATE TABLE api_key_tags (              -- grants by access tag (glob patterns): every source tagged so, now or later
+    key_id    INTEGER NOT NULL REFERENCES api_keys(id) ON DELETE CASCADE,
+    tag       TEXT NOT NULL,
+    PRIMARY KEY (key_id, tag)
+);
 CREATE TABLE access_tags (
     source_id TEXT NOT NULL REFERENCES sources(id) ON DELETE CASCADE,
     tag       TEXT NOT NULL,
@@ -160,6 +166,9 @@ MIGRATIONS: dict[int, str] = {
        "created_at TEXT NOT NULL, created_by TEXT NOT NULL, revoked_at TEXT);"
        "CREATE TABLE IF NOT EXISTS api_key_sources (key_id INTEGER NOT NULL REFERENCES api_keys(id) ON DELETE "
        "CASCADE, source_id TEXT NOT NULL REFERENCES sources(id) ON DELETE CASCADE, PRIMARY KEY (key_id, source_id));",
+    # keys granted by access tag (e.g. every source tagged license:CC-BY-4.0)
+    3: "CREATE TABLE IF NOT EXISTS api_key_tags (key_id INTEGER NOT NULL REFERENCES api_keys(id) ON DELETE CASCADE, "
+       "tag TEXT NOT NULL, PRIMARY KEY (key_id, tag));",
 }
 
 # Names a source may not take: they are the ids of joint compartments and of per-source heads and data.
@@ -930,22 +939,35 @@ class Store:
     # ------------------------------------------------------------------------------------------- API keys
 
     def _key_dict(self, row: sqlite3.Row) -> dict:
+        """A key row with its grants: ``granted`` (sources named when it was made), ``tags`` (access-tag patterns)
+        and ``sources``, what it may use now: the named sources and every source with a tag a pattern matches."""
         d = dict(row)
         d["admin"] = bool(d["admin"])
-        d["sources"] = [r[0] for r in self._db.execute(
+        d["granted"] = [r[0] for r in self._db.execute(
             "SELECT source_id FROM api_key_sources WHERE key_id = ? ORDER BY source_id", (d["id"],))]
+        d["tags"] = [r[0] for r in self._db.execute(
+            "SELECT tag FROM api_key_tags WHERE key_id = ? ORDER BY tag", (d["id"],))]
+        by_tag = set()
+        if d["tags"]:
+            for source_id, tag in self._db.execute("SELECT source_id, tag FROM access_tags"):
+                if any(fnmatch.fnmatchcase(tag, pattern) for pattern in d["tags"]):
+                    by_tag.add(source_id)
+        d["sources"] = sorted(set(d["granted"]) | by_tag)
         return d
 
     def add_key(self, name: str, *, key_sha256: str, prefix: str, admin: bool = False, sources: Iterable[str] = (),
-                actor: str | None = None) -> dict:
-        """Register an API key (its token's sha256 and a short public prefix, never the token) with its grants;
-        the key and its ``key-create`` audit record are one transaction."""
+                tags: Iterable[str] = (), actor: str | None = None) -> dict:
+        """Register an API key (its token's sha256 and a short public prefix, never the token) with its grants:
+        ``sources`` by name, ``tags`` by access tag (``fnmatch`` patterns: ``license:CC-BY-*`` grants every source
+        tagged with a CC-BY licence, those added later too); the key and its ``key-create`` audit record are one
+        transaction."""
         if not isinstance(name, str) or not _KEY_NAME_RE.fullmatch(name):
             raise StoreError(f"bad key name {name!r}: use 1-64 letters, digits, '.', '_', '@' or '-'")
         _check_hash("key_sha256", key_sha256)
         if isinstance(sources, str):
             raise StoreError("sources must be a list of source ids, not one string")
         sources = list(dict.fromkeys(_check_source_id(s) for s in sources))
+        tags = list(dict.fromkeys(_check_tags(tags)))
         actor = _actor(actor)
         with self._locked(True):
             known = set(self._source_ids())
@@ -959,13 +981,15 @@ class Store:
                                  "VALUES (?, ?, ?, ?, ?, ?)", (name, key_sha256, prefix, int(admin), _now(), actor))
                 db.executemany("INSERT INTO api_key_sources (key_id, source_id) VALUES (?, ?)",
                                [(cur.lastrowid, s) for s in sources])
-                self._audit(db, actor, "key-create", name, {"admin": bool(admin), "sources": sources,
+                db.executemany("INSERT INTO api_key_tags (key_id, tag) VALUES (?, ?)",
+                               [(cur.lastrowid, t) for t in tags])
+                self._audit(db, actor, "key-create", name, {"admin": bool(admin), "sources": sources, "tags": tags,
                                                             "prefix": prefix})
             return self._key_dict(self._db.execute("SELECT * FROM api_keys WHERE name = ?", (name,)).fetchone())
 
     def keys(self) -> list[dict]:
-        """Every API key (revoked ones too): ``id, name, key_sha256, prefix, admin, sources, created_at,
-        created_by, revoked_at``."""
+        """Every API key (revoked ones too): ``id, name, key_sha256, prefix, admin, granted, tags, sources,
+        created_at, created_by, revoked_at`` (see :meth:`_key_dict`)."""
         return [self._key_dict(r) for r in self._db.execute("SELECT * FROM api_keys ORDER BY name")]
 
     def live_key(self, key_sha256: str) -> dict | None:

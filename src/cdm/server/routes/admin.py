@@ -32,7 +32,8 @@ def admin_router(ctx: Context) -> APIRouter:
             st = engine.io.store()
             if body.name in {k.name for k in keyring.list_keys(st)}:
                 raise HTTPException(409, f"a key named '{body.name}' exists already")
-            return keyring.create_key(st, body.name, sources=body.sources, admin=body.admin, actor=key.name)
+            return keyring.create_key(st, body.name, sources=body.sources, tags=body.tags, admin=body.admin,
+                                      actor=key.name)
 
         token, new = await engine.io.run(run)
         return {"token": token, **new.to_dict()}
