@@ -212,3 +212,18 @@ def test_emoji_demo_cli(tiny_emoji, tmp_path):
     report = (tmp_path / "demo" / "report.md").read_text()
     assert "emoji by five artists" in report and (tmp_path / "demo" / "composed-naive.png").exists()
     assert EMOJI_CATEGORIES[0] in report
+
+
+def test_emoji_bench_cli_runs_chosen_parts(tiny_emoji, tmp_path):
+    out = tmp_path / "b"
+    res = CliRunner().invoke(app, ["bench", "--dataset", "emoji", "--profile", "toy", "--out", str(out), "--parts",
+                                   "judge,backbone", "--backbone", str(tiny_emoji / "bb"), "--classifier",
+                                   str(tiny_emoji / "judge")])
+    assert res.exit_code == 0, res.output
+    got = json.loads((out / "results.json").read_text())
+    assert set(got) >= {"judge", "backbone", "meta"} and "artists" not in got
+    assert got["meta"]["command"].startswith("cdm ")
+    res = CliRunner().invoke(app, ["bench", "--dataset", "emoji", "--profile", "toy", "--out", str(out), "--parts",
+                                   "tables", "--backbone", str(tiny_emoji / "bb"), "--classifier",
+                                   str(tiny_emoji / "judge")])
+    assert res.exit_code != 0 and "unknown parts" in str(res.exception)
