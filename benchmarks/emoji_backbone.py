@@ -54,7 +54,8 @@ def main() -> None:
         who = source_probs(judge, gen.images).argmax(1)
         c = rec["config"]
         rows[run.name] = {
-            "image_size": c["img_size"], "patch_size": c["patch_size"], "tokens": (c["img_size"] // c["patch_size"]) ** 2,
+            "image_size": c["img_size"], "patch_size": c["patch_size"],
+            "tokens": (c["img_size"] // c["patch_size"]) ** 2,
             "steps": rec["steps_done"], "train_seconds": rec["wall_seconds"],
             "train_steps_per_second": round(rec["steps_done"] / rec["wall_seconds"], 3),
             "final_loss": round(rec["final_loss"], 4), "threads": rec["machine"].get("torch_threads"),

@@ -10,7 +10,6 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cdm.backbone import Backbone
 from cdm.benchmark.emoji import EMOJI_PARTS, PROTECTED, populated_categories, run_emoji_bench, targets
 from cdm.cli.main import app
 from cdm.data import EMOJI_CATEGORIES, Source, license_of, load_source

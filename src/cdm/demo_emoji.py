@@ -38,7 +38,7 @@ def _who(judge: ImageClassifier, images: np.ndarray) -> dict:
     return {a: round(float(np.mean(probs.argmax(1) == i)), 3) for i, a in enumerate(ARTIST_ORDER)}
 
 
-def run_emoji_demo(out: Path, *, backbone: Path, judge: Path, per_class: int = 6, steps: int = 250, seed: int = 0,
+def run_emoji_demo(out: Path, *, backbone: Path, judge: Path, per_class: int = 6, steps: int = 100, seed: int = 0,
                    progress: bool = True, log=print) -> dict:
     t_all = time.perf_counter()
     bb = Backbone.from_pretrained(backbone)

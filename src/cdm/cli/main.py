@@ -296,7 +296,7 @@ def demo(
     classifier: Path | None = typer.Option(None, help="Judge directory (default: the dataset's shipped one)."),
     per_class: int | None = typer.Option(None, help="Images per class in each grid (default: 10 digits, 6 emoji)."),
     steps: int | None = typer.Option(None, help="Training steps per demo compartment (default: 300 digits, "
-                                     "250 emoji)."),
+                                     "100 emoji)."),
     seed: int = typer.Option(0, help="Seed of training and sampling."),
 ) -> None:
     """The main job on the embedded data: backbone samples, compartments, composition, attribution, a forget;
@@ -308,7 +308,7 @@ def demo(
         from ..demo_emoji import run_emoji_demo
 
         out = out or Path("out/demo-emoji")
-        run_emoji_demo(out, backbone=backbone, judge=classifier, per_class=per_class or 6, steps=steps or 250,
+        run_emoji_demo(out, backbone=backbone, judge=classifier, per_class=per_class or 6, steps=steps or 100,
                        seed=seed, log=console.print)
     else:
         from ..demo import run_demo

@@ -320,9 +320,9 @@ def train_classifier(images: Any, labels: Any, *, config: ClassifierConfig | Non
 
     AdamW with linear warm-up then cosine decay to zero; batches are drawn with replacement-free shuffles
     (a new permutation per epoch). With ``augment``, each batch gets a random affine warp (out-of-frame pixels
-    ``background``: -1 black, 1 white) and, for ``down_up_prob`` of the images, the half-resolution down-up blur. Everything random comes from ``seed``: the same seed, data, torch build and
-    thread count give bit-identical weights. The caller's global RNG state and determinism flag are left as they
-    were.
+    ``background``: -1 black, 1 white) and, for ``down_up_prob`` of the images, the half-resolution down-up blur.
+    Everything random comes from ``seed``: the same seed, data, torch build and thread count give bit-identical
+    weights. The caller's global RNG state and determinism flag are left as they were.
 
     Returns ``(model in eval mode, record)``; the record holds steps, batch_size, lr, seed, wall_seconds,
     final_loss (mean loss of the last ``min(50, steps)`` steps), n_train and the rest of the settings.
