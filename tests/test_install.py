@@ -37,4 +37,5 @@ def test_an_installed_wheel_samples_from_another_directory(tmp_path):
     with np.load(elsewhere / "o" / "samples.npz") as f:
         assert f["images"].shape == (2, 28, 28) and f["labels"].tolist() == [3, 4]
     shipped = sorted(p.name for p in (site / "cdm" / "weights").iterdir())
-    assert shipped == ["backbone", "backbone-glyphs", "classifier"]
+    assert shipped == ["backbone", "backbone-emoji", "backbone-glyphs", "classifier", "judge-emoji"]
+    assert (site / "cdm" / "data" / "emoji" / "twemoji.npz").is_file()
