@@ -40,6 +40,7 @@ from ..io import atomic_write_bytes, atomic_write_json
 from ..provenance import git_commit, machine_info
 from ..store import Store
 from ..viz import write_samples
+from .cache import PartCache
 
 __all__ = ["EMOJI_PARTS", "EMOJI_PROFILES", "EmojiProfile", "PROTECTED", "PUBLIC", "populated_categories",
            "run_emoji_bench"]
@@ -269,39 +270,24 @@ def run_emoji_bench(profile: str | EmojiProfile, out: str | Path, *, backbone: s
         raise ValueError(f"{out} holds a run with another profile; use another --out or delete it")
     atomic_write_json(prof_file, current)
     r = _Run(profile, out, bb, judge_net, progress)
-    done = {p: json.loads((out / "parts" / f"{p}.json").read_text()) for p in EMOJI_PARTS
-            if (out / "parts" / f"{p}.json").exists()}
-
-    def need(part: str) -> dict:
-        if part not in done:
-            t0 = time.perf_counter()
-            res = {
-                "judge": lambda: _judge(r),
-                "backbone": lambda: _backbone(r),
-                "artists": lambda: _artists(r, need("backbone")["backbone"]),
-                "composed": lambda: _composed(r),
-                "attribution": lambda: _attribution(r),
-                "memorization": lambda: (need("backbone"), need("artists"), need("composed"), _memorization(r))[-1],
-                "forget": lambda: _forget(r),
-            }[part]()
-            res["_part"] = {"wall_seconds": round(time.perf_counter() - t0, 1), "commit": git_commit(),
-                            "date": time.strftime("%Y-%m-%d %H:%M")}
-            atomic_write_json(out / "parts" / f"{part}.json", res)
-            done[part] = res
-        return done[part]
-
+    need = PartCache(out, EMOJI_PARTS, {
+        "judge": lambda: _judge(r),
+        "backbone": lambda: _backbone(r),
+        "artists": lambda: _artists(r, need("backbone")["backbone"]),
+        "composed": lambda: _composed(r),
+        "attribution": lambda: _attribution(r),
+        "memorization": lambda: (need("backbone"), need("artists"), need("composed"), _memorization(r))[-1],
+        "forget": lambda: _forget(r),
+    }, stamp={"machine": machine_info(), "command": (meta or {}).get("command")})
     for part in parts:
         need(part)
-    results: dict = {}
-    for part in EMOJI_PARTS:
-        if part in done:
-            results.update({k: v for k, v in done[part].items() if k != "_part"})
+    results = need.merged()
     results["targets"] = targets(results)
     results["meta"] = {"commit": git_commit(), "machine": machine_info(), "profile": name, "profile_config": current,
                        "backbone": str(backbone), "backbone_hash": bb.hash, "judge": str(judge),
                        "categories": [EMOJI_CATEGORIES[k] for k in populated_categories()],
-                       "part_seconds": {p: done[p]["_part"]["wall_seconds"] for p in done},
-                       "part_commits": {p: done[p]["_part"]["commit"] for p in done}, **(meta or {})}
+                       "part_seconds": need.field("wall_seconds"), "part_commits": need.field("commit"),
+                       **(meta or {})}
     atomic_write_json(out / "results.json", results)
     atomic_write_bytes(out / "report.md", report(results).encode())
     return results

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from ..io import atomic_write_bytes, atomic_write_json
 from ..provenance import git_commit, machine_info
 from . import parts as part_fns
 from .bench import Bench
+from .cache import PartCache
 from .parts import PARTS
 from .plots import plot_table1
 from .profiles import PROFILES, BenchProfile, selection
@@ -48,41 +48,25 @@ def run_bench(profile: str | BenchProfile, out: str | Path, *, backbone: str | P
     atomic_write_json(prof_file, _jsonable(asdict(profile)))
     bench = Bench(profile, out, Backbone.from_pretrained(backbone).to(device),
                   DigitClassifier.from_pretrained(classifier), progress)
-    done = {p: json.loads((out / "parts" / f"{p}.json").read_text()) for p in PARTS
-            if (out / "parts" / f"{p}.json").exists()}
-
-    def need(part: str) -> dict:
-        if part not in done:
-            t0 = time.perf_counter()
-            res = {
-                "paragon": lambda: part_fns.paragon(bench),
-                "table1": lambda: part_fns.table1(bench, need("paragon")["paragon"]),
-                "two_domain": lambda: part_fns.two_domain(bench),
-                "cost": lambda: part_fns.cost(bench, need("table1")["table1_detail"]),
-                "continual": lambda: part_fns.continual(bench),
-                "forget": lambda: part_fns.forget(bench, need("paragon")["paragon"]["train_seconds"]),
-                "memorization": lambda: (need("table1"), part_fns.memorization(bench))[1],
-                "dp": lambda: part_fns.dp(bench),
-                "attribution": lambda: part_fns.attribution(bench),
-            }[part]()
-            res["_part"] = {"wall_seconds": round(time.perf_counter() - t0, 1), "commit": git_commit(),
-                            "machine": machine_info(), "device": device, "command": (meta or {}).get("command"),
-                            "date": time.strftime("%Y-%m-%d %H:%M")}
-            atomic_write_json(out / "parts" / f"{part}.json", res)
-            done[part] = res
-        return done[part]
-
+    need = PartCache(out, PARTS, {
+        "paragon": lambda: part_fns.paragon(bench),
+        "table1": lambda: part_fns.table1(bench, need("paragon")["paragon"]),
+        "two_domain": lambda: part_fns.two_domain(bench),
+        "cost": lambda: part_fns.cost(bench, need("table1")["table1_detail"]),
+        "continual": lambda: part_fns.continual(bench),
+        "forget": lambda: part_fns.forget(bench, need("paragon")["paragon"]["train_seconds"]),
+        "memorization": lambda: (need("table1"), part_fns.memorization(bench))[1],
+        "dp": lambda: part_fns.dp(bench),
+        "attribution": lambda: part_fns.attribution(bench),
+    }, stamp={"machine": machine_info(), "device": device, "command": (meta or {}).get("command")})
     for part in parts:
         need(part)
-    results: dict = {}
-    for part in PARTS:
-        if part in done:
-            results.update({k: v for k, v in done[part].items() if k != "_part"})
-    walls = {p: done[p]["_part"]["wall_seconds"] for p in done}
+    results = need.merged()
+    walls = need.field("wall_seconds")
     results["meta"] = {"commit": git_commit(), "machine": machine_info(), "profile": name,
                        "profile_config": _jsonable(asdict(profile)), "wall_seconds": round(sum(walls.values()), 1),
-                       "part_seconds": walls, "part_commits": {p: done[p]["_part"]["commit"] for p in done},
-                       "part_machines": {p: where_ran(done[p]["_part"]) for p in done}, "device": device,
+                       "part_seconds": walls, "part_commits": need.field("commit"),
+                       "part_machines": {p: where_ran(r["_part"]) for p, r in need.done.items()}, "device": device,
                        **(meta or {})}
     if "table1" in results:
         plot_table1(results["table1"], out / "table1.png")
