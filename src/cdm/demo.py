@@ -26,9 +26,18 @@ from .operations import add_source, attribute_samples, forget_source, generate_f
 from .store import Store
 from .viz import write_samples
 
-__all__ = ["plot_weights", "run_demo"]
+__all__ = ["fresh_store", "plot_weights", "run_demo"]
 
 DEMO_SOURCES = {"digits-0-4": "mnist/protected/classes[0-4|5-9]-0", "digits-5-9": "mnist/protected/classes[0-4|5-9]-1"}
+
+
+def fresh_store(path: Path) -> Store:
+    """A new, empty store at ``path``, replacing the one a previous demo run left there (anything at ``path``
+    that is not a cdm store is refused, never deleted)."""
+    if path.exists():
+        Store.open(path).close()
+        shutil.rmtree(path)
+    return Store.create(path)
 
 
 def plot_weights(w: np.ndarray, labels: np.ndarray, path: Path) -> None:
@@ -73,13 +82,9 @@ def run_demo(out: Path, *, backbone: Path, classifier: Path, per_class: int = 10
     log(f"backbone: accuracy {results['backbone']['accuracy']:.3f}, FID {results['backbone']['fid']:.2f}")
 
     # 2. compartments: add two sources, sample each, forget one
-    store_dir = out / "store"
-    if store_dir.exists():
-        Store.open(store_dir).close()  # refuses to delete anything that is not a cdm store
-        shutil.rmtree(store_dir)
     cfg = CompartmentConfig(steps=steps, seed=seed)
     comps = {}
-    with Store.create(store_dir) as st:
+    with fresh_store(out / "store") as st:
         for name, spec in DEMO_SOURCES.items():
             src = load_source(spec)
             res = add_source(st, bb, src, name=name, cfg=cfg, tags=("demo",), progress=progress)

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
@@ -21,12 +20,12 @@ from .backbone import Backbone
 from .benchmark.emoji import PROTECTED, PUBLIC, populated_categories
 from .compartments import CompartmentConfig
 from .data import EMOJI_CATEGORIES
+from .demo import fresh_store
 from .evaluation import ImageClassifier, classify, source_probs
 from .evaluation.emoji_judge import ARTIST_ORDER, TRAIN_HALF, artist_half
 from .io import atomic_write_bytes, atomic_write_json
 from .operations import add_source, attribute_samples, forget_source, generate_from_store
 from .server.keys import create_key
-from .store import Store
 from .viz import write_samples
 
 __all__ = ["run_emoji_demo"]
@@ -59,13 +58,9 @@ def run_emoji_demo(out: Path, *, backbone: Path, judge: Path, per_class: int = 6
     log(f"backbone: the judge reads {results['backbone']['judge_says'][PUBLIC]:.0%} of its samples as Noto")
 
     # 2. one compartment per protected artist
-    store_dir = out / "store"
-    if store_dir.exists():
-        Store.open(store_dir).close()  # refuses to delete anything that is not a cdm store
-        shutil.rmtree(store_dir)
     cfg = CompartmentConfig(steps=steps, seed=seed)
     comps: dict = {}
-    with Store.create(store_dir) as st:
+    with fresh_store(out / "store") as st:
         for a in PROTECTED:
             res = add_source(st, bb, artist_half(a, TRAIN_HALF), name=a, cfg=cfg, progress=progress)
             gen = generate_from_store(st, bb, [a], labels=labels, **sample)
