@@ -140,12 +140,12 @@ def test_validation_keeps_the_best_step_and_records_the_curve(backbone, source):
     v = record.validation
     assert v["n"] == 6 and [s for s, _ in v["curve"]] == [0, 2, 4, 6]
     assert v["start_loss"] == v["curve"][0][1] and v["best_loss"] == min(x for _, x in v["curve"])
-    _, (images, labels) = split_validation(canonical_order(source), CFG.validation)
-    again = held_out_loss(comp.denoiser(backbone), backbone.codec.encode(images), backbone.schedule, y=labels,
-                          draws=8, seed=CFG.seed)
+    data = canonical_order(source)
+    train_rows, val_rows = split_validation(data, CFG.validation)
+    again = held_out_loss(comp.denoiser(backbone), backbone.codec.encode(data.images[val_rows]), backbone.schedule,
+                          y=torch.tensor(data.labels[val_rows]), draws=8, seed=CFG.seed)
     assert again == pytest.approx(v["best_loss"], abs=1e-6)  # the kept prompts are the best step's
-    train_part, _ = split_validation(canonical_order(source), CFG.validation)
-    assert len(train_part) == len(source) - 6
+    assert len(train_rows) == len(source) - 6 and not set(train_rows) & set(val_rows)
     _, none = train_compartment(backbone, source, CompartmentConfig(**{**CFG.to_dict(), "validation": 0.0}),
                                 progress=False)
     assert none.validation is None

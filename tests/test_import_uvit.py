@@ -210,22 +210,49 @@ def test_unconditional_backbone_samples_through_cdm_sample(tmp_path):
     assert "unconditional" in str(res.exception) and not (tmp_path / "s4").exists()
 
 
-def test_latent_models_import_but_do_not_sample(tmp_path):
+def test_latent_models_import_with_their_autoencoder_and_sample(tmp_path):
+    """An SD-style AutoencoderKL (f8, 4 latent channels, random weights, saved with diffusers' save_pretrained)
+    plugs in: the imagenet256-style latent U-ViT imports with --autoencoder and samples end to end."""
+    from diffusers import AutoencoderKL
+
     name, rel = resolve_uvit_config("imagenet256_uvit_huge")
     assert rel["nnet"]["conv"] is False and rel["null_class"] == 1000 and rel["schedule"] == "linear"
-    tiny = {"nnet": {"img_size": 8, "patch_size": 2, "in_chans": 4, "embed_dim": 16, "depth": 1, "num_heads": 2,
-                     "num_classes": 3}, "schedule": "vpsde", "null_class": 2, "latent": rel["latent"]}
+    torch.manual_seed(0)
+    sd_like = AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=4,
+                            scaling_factor=0.18215)
+    sd_like.save_pretrained(tmp_path / "vae")  # diffusers' own writer: config.json + diffusion_pytorch_model...
+    tiny = {"nnet": {"img_size": 4, "patch_size": 2, "in_chans": 4, "embed_dim": 16, "depth": 1, "num_heads": 2,
+                     "num_classes": 3}, "schedule": "vpsde", "null_class": 2,
+            "latent": {**rel["latent"], "image_size": 32}}
     ckpt, cfg, net = _write(tmp_path, tiny)
-    assert _import(ckpt, cfg, tmp_path / "bb").exit_code == 0
-    assert json.loads((tmp_path / "bb" / "config.json").read_text())["codec"]["kind"] == "latent"
-    res = runner.invoke(app, ["sample", "--backbone", str(tmp_path / "bb"), "--n", "1", "--out", str(tmp_path / "s")])
-    assert "latent U-ViT" in str(res.exception) and "autoencoder" in str(res.exception)
-    assert not (tmp_path / "s").exists()
-    from cdm.backbone import Backbone
-    from cdm.errors import WeightsError
-
-    with pytest.raises(WeightsError, match="latent mode is not built yet"):  # every other command: one clear line
-        Backbone.from_pretrained(tmp_path / "bb")
+    res = _import(ckpt, cfg, tmp_path / "nope")
+    assert "--autoencoder" in str(res.exception) and not (tmp_path / "nope").exists()
+    res = runner.invoke(app, ["import-uvit", str(ckpt), "--config", str(cfg), "--out", str(tmp_path / "bb"),
+                              "--autoencoder", str(tmp_path / "vae")])
+    assert res.exit_code == 0, res.output
+    codec = json.loads((tmp_path / "bb" / "config.json").read_text())["codec"]
+    assert codec["kind"] == "latent" and codec["data_size"] == 32 and len(codec["autoencoder_hash"]) == 64
+    bb = Backbone.from_pretrained(tmp_path / "bb")
+    assert bb.latent and bb.codec.autoencoder.scale == pytest.approx(0.18215) and bb.codec.model_size == 4
+    res = runner.invoke(app, ["sample", "--backbone", str(tmp_path / "bb"), "--per-class", "1", "--steps", "2",
+                              "--out", str(tmp_path / "s")])
+    assert res.exit_code == 0, res.output
+    with np.load(tmp_path / "s" / "samples.npz") as f:
+        assert f["images"].shape == (2, 32, 32, 3) and f["images"].dtype == np.uint8
+    # another autoencoder than the recorded one is refused, in one line
+    torch.manual_seed(1)
+    other = AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
+                          up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=4)
+    other.save_pretrained(tmp_path / "vae2")
+    with pytest.raises(WeightsError, match="is not the one this backbone was trained with"):
+        Backbone.from_pretrained(tmp_path / "bb", autoencoder=tmp_path / "vae2")
+    # a pixel model takes no autoencoder; pickled-only autoencoder folders are refused
+    (tmp_path / "vae3").mkdir()
+    (tmp_path / "vae3" / "config.json").write_text((tmp_path / "vae" / "config.json").read_text())
+    (tmp_path / "vae3" / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x04")
+    with pytest.raises(WeightsError, match="pickles, which cdm never loads"):
+        Backbone.from_pretrained(tmp_path / "bb", autoencoder=tmp_path / "vae3")
 
 
 def test_released_configs_are_their_configs():

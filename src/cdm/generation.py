@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .backbone import Backbone, PixelCodec
+from .backbone import Backbone, Codec
 from .sampling import Denoiser, NoiseSchedule, classifier_free_guidance, sample
 
 __all__ = ["MAX_SAMPLES", "class_labels", "generate", "sample_backbone"]
@@ -21,7 +21,7 @@ def generate(
     eps: Denoiser,
     *,
     schedule: NoiseSchedule,
-    codec: PixelCodec,
+    codec: Codec,
     labels: np.ndarray | None = None,
     n: int | None = None,
     null_class: int | None = None,
@@ -50,7 +50,7 @@ def generate(
     if not 1 <= count <= MAX_SAMPLES:
         raise ValueError(f"number of images must be in 1..{MAX_SAMPLES}, got {count}")
     clip = bool(getattr(codec, "clip_x0", False)) if clip is None else clip
-    in_chans = getattr(codec, "channels", 1) if in_chans is None else in_chans
+    in_chans = codec.model_channels if in_chans is None else in_chans
     base = eps
     if guidance != 1.0:
         if labels is None or null_class is None:

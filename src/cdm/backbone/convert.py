@@ -15,10 +15,12 @@ at commit ce55170 and its training scripts) or a JSON file of the same form::
 (``null_class``: the label row of the unconditional branch, if trained with one; ``image_size``: the side of
 stored images for a pixel model, default ``nnet.img_size``; ``latent``: present for a latent-space model.)
 
-Latent models (ImageNet 256/512) are imported (weights, model and schedule) with a codec entry
-``{"kind": "latent", ...}`` that names the autoencoder they need. cdm has no latent codec yet, so such a bundle
-cannot be loaded for sampling or training (``cdm sample`` says so); the text-to-image model (``uvit_t2i``) is
-refused.
+Latent models (ImageNet 256/512, on Stable Diffusion's KL-f8 latents) need their autoencoder: ``autoencoder`` is
+its folder as a diffusers ``AutoencoderKL`` (``cdm.autoencoder.Autoencoder``); it is checked against the model
+(latent channels, image side / factor = the U-ViT's side) and recorded in the codec entry
+``{"kind": "latent", "autoencoder": PATH, "autoencoder_hash": ..., "data_size": 256, "channels": 3}``, so the
+bundle loads and samples like any backbone (``cdm.backbone.LatentCodec``). The text-to-image model
+(``uvit_t2i``) is refused.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from .pixels import PixelCodec
 from .pretrained import KIND
 from .uvit import UViT, UViTConfig
 
-__all__ = ["UVIT_RELEASES", "UViTImport", "import_uvit", "latent_info", "read_uvit_checkpoint", "resolve_uvit_config"]
+__all__ = ["UVIT_RELEASES", "UViTImport", "import_uvit", "read_uvit_checkpoint", "resolve_uvit_config"]
 
 SOURCE = "github.com/baofff/U-ViT@ce551708dc9cde9818d2af7d84dfadfeb7bd9034"
 # the constructor defaults of their libs/uvit.py UViT (a JSON config's nnet falls back on these, not on cdm's)
@@ -181,11 +183,24 @@ def _model_config(rel: dict, where: str) -> UViTConfig:
         raise WeightsError(f"{where}: invalid U-ViT config ({e})") from None
 
 
-def _codec(rel: dict, cfg: UViTConfig, where: str) -> dict:
+def _codec(rel: dict, cfg: UViTConfig, where: str, autoencoder: str | os.PathLike | None) -> dict:
     if rel.get("latent") is not None:
         if not isinstance(rel["latent"], dict):
             raise WeightsError(f"{where}: \"latent\" must be an object (the autoencoder it needs)")
-        return {"kind": "latent", **rel["latent"]}
+        lat = rel["latent"]
+        if autoencoder is None:
+            raise WeightsError(f"{where} is a latent model: give its autoencoder's folder with --autoencoder DIR (a "
+                               f"diffusers AutoencoderKL; it needs {lat.get('autoencoder', 'the one it was trained on')})")
+        from ..autoencoder import Autoencoder
+
+        ae = Autoencoder.from_pretrained(autoencoder)
+        size = lat.get("image_size", cfg.img_size * ae.factor)
+        if (ae.latent_channels, size) != (cfg.in_chans, cfg.img_size * ae.factor):
+            raise WeightsError(f"{where}: the model takes {cfg.in_chans}x{cfg.img_size}x{cfg.img_size} latents of "
+                               f"{size}x{size} images; autoencoder {autoencoder} gives {ae.latent_channels} channels at "
+                               f"1/{ae.factor} of the side")
+        return {"kind": "latent", "autoencoder": ae.ref, "autoencoder_hash": ae.hash, "data_size": size,
+                "channels": ae.channels}
     if cfg.in_chans not in (1, 3):
         raise WeightsError(f"{where}: a pixel model needs 1 or 3 channels, got in_chans {cfg.in_chans} (a latent "
                            "model needs \"latent\")")
@@ -250,20 +265,8 @@ def read_uvit_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tenso
     return state, entry
 
 
-def latent_info(path: str | os.PathLike) -> dict | None:
-    """The codec entry of a backbone directory if it is a latent one (needs an autoencoder), else None."""
-    cfg = Path(path) / CONFIG_NAME
-    if not cfg.is_file():
-        return None
-    try:
-        codec = read_json(cfg).get("codec")
-    except WeightsError:
-        return None
-    return codec if isinstance(codec, dict) and codec.get("kind") == "latent" else None
-
-
 def import_uvit(checkpoint: str | os.PathLike, config: str | os.PathLike, out: str | os.PathLike,
-                command: str | None = None) -> UViTImport:
+                command: str | None = None, autoencoder: str | os.PathLike | None = None) -> UViTImport:
     """Check everything, then write the bundle into ``out`` (new, or an empty directory) atomically."""
     out, checkpoint = Path(out), Path(checkpoint)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -275,7 +278,9 @@ def import_uvit(checkpoint: str | os.PathLike, config: str | os.PathLike, out: s
         schedule = NoiseSchedule(rel["schedule"])
     except ValueError as e:
         raise WeightsError(f"{where}: {e}") from None
-    codec = _codec(rel, cfg, where)
+    if autoencoder is not None and rel.get("latent") is None:
+        raise WeightsError(f"{where} is a pixel model: it takes no --autoencoder")
+    codec = _codec(rel, cfg, where, autoencoder)
     state, entry = read_uvit_checkpoint(checkpoint)
     src = checkpoint / "nnet_ema.pth" if checkpoint.is_dir() else checkpoint
     dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in state.values()})
@@ -290,7 +295,8 @@ def import_uvit(checkpoint: str | os.PathLike, config: str | os.PathLike, out: s
     if rel.get("guidance") is not None:
         record["guidance"] = rel["guidance"]  # their sample.scale + 1
     if rel.get("latent") is not None:
-        record["needs"] = "an autoencoder (latent model): cdm cannot sample it yet"
+        record["autoencoder"] = {"needs": rel["latent"].get("autoencoder"), "given": codec["autoencoder"],
+                                 "hash": codec["autoencoder_hash"]}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:

@@ -2,8 +2,8 @@
 
 The shipped backbone works on 14x14 images: 2x2 average pooling in, bilinear upsampling out. Measured here,
 a patch-2 U-ViT at 14x14 trains to recognisable digits in minutes on a CPU, while patch 4 at 28x28 stayed at
-chance after 1k steps and patch 2 at 28x28 is six times slower. A latent autoencoder would plug in here
-with the same two methods.
+chance after 1k steps and patch 2 at 28x28 is six times slower. :class:`~cdm.backbone.LatentCodec` (latent mode)
+has the same contract; :func:`codec_from_dict` reads either from a backbone's config.
 """
 
 from __future__ import annotations
@@ -17,11 +17,13 @@ import torch.nn.functional as F
 from ..data.spec import ImageSpec
 from ..errors import DataError
 
-__all__ = ["PixelCodec"]
+__all__ = ["PixelCodec", "codec_from_dict"]
 
 
 @dataclass(frozen=True)
 class PixelCodec:
+    kind = "pixels"  # a class attribute: not a field, not in the config
+
     data_size: int = 28  # side of stored images
     model_size: int = 14  # side of the images the denoiser sees (data_size must be a multiple)
     channels: int = 1  # 1: grey, stored (N, H, W); 3: RGB, stored (N, H, W, 3)
@@ -37,6 +39,16 @@ class PixelCodec:
         if self.channels == 1:  # grey codecs keep the config they always had
             del d["channels"]
         return d
+
+    @property
+    def model_channels(self) -> int:
+        """Channels of the tensors the denoiser sees (pixels: the image's)."""
+        return self.channels
+
+    @property
+    def hash(self) -> None:
+        """Pixels depend on nothing but the images (a latent codec: its autoencoder's hash)."""
+        return None
 
     @property
     def spec(self) -> ImageSpec:
@@ -65,3 +77,19 @@ class PixelCodec:
             x = F.interpolate(x, size=(self.data_size, self.data_size), mode="bilinear", align_corners=False)
         x = x[:, 0] if self.channels == 1 else x.permute(0, 2, 3, 1).contiguous()
         return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+
+
+def codec_from_dict(d: dict, autoencoder=None):
+    """The codec a backbone config names: ``{"kind": "pixels", ...}`` (the default) or ``{"kind": "latent", ...}``
+    (``autoencoder``: a folder or :class:`~cdm.autoencoder.Autoencoder` overriding the recorded one)."""
+    d = dict(d)
+    kind = d.pop("kind", "pixels")
+    if kind == "pixels":
+        if autoencoder is not None:
+            raise ValueError("a pixel backbone takes no autoencoder")
+        return PixelCodec(**d)
+    if kind == "latent":
+        from .latents import LatentCodec
+
+        return LatentCodec.from_dict(d, autoencoder)
+    raise ValueError(f"unknown codec kind {kind!r} (pixels, latent)")

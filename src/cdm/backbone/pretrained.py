@@ -1,14 +1,16 @@
-"""A frozen, pretrained backbone bundle: the U-ViT, its noise schedule and its pixel codec.
+"""A frozen, pretrained backbone bundle: the U-ViT, its noise schedule and its codec (pixels or latents).
 
 On disk (``save_pretrained`` / ``from_pretrained``)::
 
-    config.json        {"kind": "cdm-backbone", "model": UViTConfig, "schedule": NoiseSchedule, "codec": PixelCodec}
+    config.json        {"kind": "cdm-backbone", "model": UViTConfig, "schedule": NoiseSchedule,
+                        "codec": PixelCodec | {"kind": "latent", "autoencoder": REF, "autoencoder_hash": ...}}
     model.safetensors  the U-ViT state dict (EMA weights), names as in baofff/U-ViT
     training.json      optional record: command, commit, seed, steps, wall time, machine, data hashes
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -28,7 +30,8 @@ from ..io import (
 )
 from ..sampling import NoiseSchedule, classifier_free_guidance
 from ..shipped import path_of, ref_of, shipped
-from .pixels import PixelCodec
+from .latents import LatentCodec
+from .pixels import PixelCodec, codec_from_dict
 from .uvit import UViT, UViTConfig
 
 __all__ = ["DEFAULT_BACKBONE", "Backbone"]
@@ -43,13 +46,15 @@ class Backbone:
 
     net: UViT
     schedule: NoiseSchedule = field(default_factory=NoiseSchedule)
-    codec: PixelCodec = field(default_factory=PixelCodec)
+    codec: PixelCodec | LatentCodec = field(default_factory=PixelCodec)
     record: dict | None = None
     ref: str | None = None  # where it was loaded from (``shipped:<name>`` or a path); stores record it
 
     def __post_init__(self) -> None:
-        if self.codec.model_size != self.net.config.img_size:
-            raise WeightsError(f"codec model_size {self.codec.model_size} != U-ViT img_size {self.net.config.img_size}")
+        c, cfg = self.codec, self.net.config
+        if (c.model_size, c.model_channels) != (cfg.img_size, cfg.in_chans):
+            raise WeightsError(f"the codec gives {c.model_channels}x{c.model_size}x{c.model_size} tensors, the U-ViT "
+                               f"takes {cfg.in_chans}x{cfg.img_size}x{cfg.img_size}")
 
     @property
     def config(self) -> UViTConfig:
@@ -57,8 +62,18 @@ class Backbone:
 
     @cached_property
     def hash(self) -> str:
-        """sha256 of the weights: compartments record it and are refused on any other backbone."""
-        return state_dict_sha256(self.net.state_dict())
+        """sha256 of the weights: compartments record it and are refused on any other backbone. A latent backbone's
+        hash also covers its autoencoder's (sha256 of ``"<weights hash>+autoencoder:<autoencoder hash>"``): the same
+        U-ViT over another autoencoder is another backbone, so stores and compartments refuse the mismatch."""
+        h = state_dict_sha256(self.net.state_dict())
+        if self.codec.hash is None:
+            return h
+        return hashlib.sha256(f"{h}+autoencoder:{self.codec.hash}".encode()).hexdigest()
+
+    @property
+    def latent(self) -> bool:
+        """Whether it works in an autoencoder's latent space."""
+        return self.codec.kind == "latent"
 
     @property
     def device(self) -> torch.device:
@@ -69,6 +84,8 @@ class Backbone:
         U-ViT moves inputs and outputs, see ``UViT.forward``). The weights' hash is taken first, on the CPU."""
         _ = self.hash
         self.net.to(device)
+        if self.latent:
+            self.codec.autoencoder.to(device)
         return self
 
     def freeze(self) -> Backbone:
@@ -96,8 +113,10 @@ class Backbone:
             atomic_write_json(path / "training.json", record)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path = DEFAULT_BACKBONE) -> Backbone:
-        """Load a bundle directory, or a shipped one by ref (``shipped:backbone-glyphs``)."""
+    def from_pretrained(cls, path: str | Path = DEFAULT_BACKBONE, autoencoder=None) -> Backbone:
+        """Load a bundle directory, or a shipped one by ref (``shipped:backbone-glyphs``). A latent backbone loads
+        the autoencoder its config names, or ``autoencoder`` (a folder or an Autoencoder) if given: either way
+        its hash must be the one recorded."""
         path = path_of(path)
         if path.is_file():
             load_state_dict(path)  # refuses pickles and non-safetensors files with a clear message
@@ -107,15 +126,12 @@ class Backbone:
         cfg = read_json(path / CONFIG_NAME)
         if cfg.get("kind") != KIND:
             raise WeightsError(f"{path / CONFIG_NAME}: kind is {cfg.get('kind')!r}, expected {KIND!r}")
-        codec_cfg = dict(cfg.get("codec", {}))
-        if codec_cfg.get("kind", "pixels") != "pixels":
-            raise WeightsError(f"{path}: a {codec_cfg['kind']} backbone (it works on an autoencoder's latents, "
-                               f"{codec_cfg.get('autoencoder', 'not named')}); latent mode is not built yet")
-        codec_cfg.pop("kind", None)
         try:
             net = UViT(UViTConfig.from_dict(cfg["model"]))
             schedule = NoiseSchedule(**cfg.get("schedule", {}))
-            codec = PixelCodec(**codec_cfg)
+            codec = codec_from_dict(cfg.get("codec", {}), autoencoder)
+        except WeightsError as e:
+            raise WeightsError(f"{path}: {e}") from None
         except (KeyError, TypeError, ValueError) as e:
             raise WeightsError(f"{path / CONFIG_NAME}: invalid config ({e})") from None
         load_strict(net, load_state_dict(path / WEIGHTS_NAME), path / WEIGHTS_NAME)

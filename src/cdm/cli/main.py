@@ -178,11 +178,9 @@ def sample(
     import numpy as np
 
     from ..backbone import Backbone
-    from ..backbone.convert import latent_info
     from ..generation import class_labels
     from ..io import atomic_write_bytes
     from ..operations import generate_from_store, store_backbone
-    from ..shipped import path_of
     from ..viz import write_samples
 
     _threads(threads)
@@ -195,9 +193,6 @@ def sample(
     from ..composition.registry import resolve_solver
 
     resolve_solver(_value(weighting), len(names), _value(solver))  # refuse a wrong pair before loading anything
-    if backbone is not None and (latent := latent_info(path_of(backbone))) is not None:
-        raise CdmError(f"--backbone {backbone} is a latent U-ViT: it needs an autoencoder ({latent.get('weights')}), "
-                       "which cdm does not have yet, so it cannot be sampled")
     st = _open_store(store) if store is not None else None
     try:
         bb = store_backbone(st, backbone) if st is not None else Backbone.from_pretrained(backbone or DEFAULT_BACKBONE)
@@ -223,6 +218,31 @@ def sample(
                 + ", ".join(f"{k}={v:.2f}" for k, v in zip(gen.sources, final, strict=True))
                 + f" -> {out / 'weights.npz'}")
     console.print(msg)
+
+
+@app.command("train-autoencoder")
+def train_autoencoder_cmd(
+    out: Path = typer.Option(..., help="Directory for the autoencoder (diffusers AutoencoderKL layout)."),
+    steps: int = typer.Option(3000, help="Optimiser steps."),
+    glyphs: int = typer.Option(3000, help="Coloured font glyphs beside Noto and the public digits."),
+    seed: int = typer.Option(0, help="Seed of initialisation, colours, batches and augmentation."),
+    threads: int | None = _threads_option(),
+) -> None:
+    """Train cdm's small autoencoder for latent mode on PUBLIC data; report PSNR on every artist and the digits."""
+    from ..autoencoder.train import AutoencoderTrainConfig, train_autoencoder
+    from ..shipped import WEIGHTS_DIR
+
+    if out.resolve().is_relative_to(WEIGHTS_DIR.resolve()):
+        raise CdmError(f"--out {out} is inside the shipped weights ({WEIGHTS_DIR}); pick another directory")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CdmError(f"--out {out}: exists and is not an empty directory; pick a new one")
+    if steps < 1 or glyphs < 0:
+        raise CdmError("--steps must be >= 1 and --glyphs >= 0")
+    _threads(threads)
+    ae, record = train_autoencoder(AutoencoderTrainConfig(steps=steps, glyphs=glyphs, seed=seed), out,
+                                   command=_command())
+    console.print(f"{ae} -> {out}")
+    console.print_json(json.dumps({"psnr": record["psnr"], "psnr_public": record["psnr_public"]}))
 
 
 @app.command("train-classifier")
@@ -623,23 +643,25 @@ def import_uvit_cmd(
                                "imagenet64_uvit_mid, imagenet64_uvit_large, imagenet256_uvit_large, "
                                "imagenet256_uvit_huge, imagenet512_uvit_large, imagenet512_uvit_huge) or a JSON file "
                                "{\"nnet\": their config.nnet, \"schedule\": NAME, \"null_class\": ..., "
-                               "\"image_size\": ...} (see cdm.backbone.convert)."),
+                               "\"image_size\": ..., \"latent\": {...}} (see cdm.backbone.convert)."),
     out: Path = typer.Option(..., help="New backbone directory (must not exist or be empty); written atomically."),
+    autoencoder: Path | None = typer.Option(None, help="Latent models (imagenet256_*, imagenet512_*): the folder of "
+                                            "their autoencoder as a diffusers AutoencoderKL (config.json + "
+                                            "diffusion_pytorch_model.safetensors), e.g. Stable Diffusion's VAE."),
 ) -> None:
     """Import a baofff/U-ViT checkpoint as a cdm backbone: model.safetensors, config.json with the schedule it was
-    trained with, training.json with the checkpoint's sha256. Latent (ImageNet 256/512) models are imported but
-    cannot be sampled until cdm has their autoencoder."""
+    trained with (and, for a latent model, its autoencoder's folder and hash), training.json with the checkpoint's
+    sha256."""
     from ..backbone.convert import import_uvit
 
-    r = import_uvit(checkpoint, config, out, command=_command())
+    r = import_uvit(checkpoint, config, out, command=_command(), autoencoder=autoencoder)
     c = r.model
     kind = ("unconditional" if c.num_classes <= 0 else f"{c.num_classes} classes"
             + (f", null class {c.null_class}" if c.null_class is not None else ", no null class (use --guidance 1)"))
     console.print(f"imported {r.config_name} ({c.in_chans}x{c.img_size}x{c.img_size}, {kind}, schedule "
                   f"{r.schedule.name}){f' from entry {r.entry!r}' if r.entry else ''}, sha256 {r.sha256[:12]} -> {out}"
-                  + ("; latent model: it needs an autoencoder, which cdm does not have yet, so it cannot be sampled"
-                     if r.latent else f"; try `cdm sample --backbone {out}" + (" --n 10`" if c.num_classes <= 0
-                                                                                  else "`")))
+                  + (f" (latent, autoencoder {r.codec['autoencoder']})" if r.latent else "")
+                  + f"; try `cdm sample --backbone {out}" + (" --n 10`" if c.num_classes <= 0 else "`"))
 
 
 # ----------------------------------------------------------------------------------------------- the service

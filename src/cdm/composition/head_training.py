@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbone import Backbone, PixelCodec
+from ..backbone import Backbone, Codec
 from ..compartments import Compartment
 from ..data import Source
 from ..errors import DataError, TrainingError
@@ -97,15 +97,16 @@ def _config(cfg: HeadConfig | None, overrides: dict) -> HeadConfig:
 class _Pool:
     """Sources in model space (canonical order), and the draw of a balanced batch of noisy samples."""
 
-    def __init__(self, codec: PixelCodec, sources: Sequence[Source], num_classes: int | None):
-        from ..training.compartment import canonical_order
+    def __init__(self, codec: Codec, sources: Sequence[Source], num_classes: int | None,
+                 inputs: Sequence[torch.Tensor | None] | None = None):
+        from ..training.compartment import model_space
 
         self.x, self.y = [], []
-        for s in sources:
+        for i, s in enumerate(sources):
             if len(s) == 0:
                 raise DataError(f"{s.id}: the source is empty")
-            d = canonical_order(s)
-            self.x.append(codec.encode(d.images))
+            d, x = model_space(codec, s, None if inputs is None else inputs[i])
+            self.x.append(x)
             # labels are used for class prompts only when the compartment has a row for every one of them
             usable = d.labels is not None and num_classes is not None and int(d.labels.max()) < num_classes
             self.y.append(torch.tensor(np.array(d.labels), dtype=torch.long) if usable else None)
@@ -228,11 +229,13 @@ def _check_sources(compartments: Sequence, sources: Sequence[Source], what: str)
 
 
 def train_router(backbone: Backbone, compartments: Sequence[Compartment], sources: Sequence[Source], *,
-                 cfg: HeadConfig | None = None, progress: bool = False, **overrides) -> tuple[HeadBank, dict]:
+                 cfg: HeadConfig | None = None, progress: bool = False,
+                 inputs: Sequence[torch.Tensor | None] | None = None, **overrides) -> tuple[HeadBank, dict]:
     """Train the joint router: n heads, CE on ``(x_t from source k, k)``, batches balanced over sources.
 
-    ``compartments[i]`` is source i's. Backbone and compartments are frozen; only the heads learn. Keywords
-    other than ``cfg``/``progress`` override :class:`HeadConfig` fields (``steps``, ``batch_size``, ``lr``,
+    ``compartments[i]`` is source i's (``inputs[i]``, optional: its rows already in the backbone's space, e.g.
+    cached latents). Backbone and compartments are frozen; only the heads learn. Keywords other than
+    ``cfg``/``progress``/``inputs`` override :class:`HeadConfig` fields (``steps``, ``batch_size``, ``lr``,
     ``seed``...). Deterministic given (source contents, compartments, config). Returns ``(heads, record)``;
     the record's ``accuracy`` is measured on a held-out batch (fresh draws of sample, t and noise)."""
     cfg = _config(cfg, overrides)
@@ -241,7 +244,7 @@ def train_router(backbone: Backbone, compartments: Sequence[Compartment], source
     bank = CompartmentBank(backbone, compartments)
     first = compartments[0]
     n, T = len(sources), backbone.schedule.num_train_timesteps
-    pool = _Pool(backbone.codec, sources, first.num_classes if first.config.conditional else None)
+    pool = _Pool(backbone.codec, sources, first.num_classes if first.config.conditional else None, inputs)
     null = backbone.config.null_class if first.config.conditional else None
     tag = _TAG + "/router"
     with deterministic_algorithms():
@@ -311,7 +314,7 @@ def fit_density_ratio(head: nn.Module, features: Callable[..., torch.Tensor], po
 
 
 def train_isolated_head(backbone: Backbone, compartment: Compartment, source: Source, core: Source, *,
-                        cfg: HeadConfig | None = None, progress: bool = False,
+                        cfg: HeadConfig | None = None, progress: bool = False, inputs: torch.Tensor | None = None,
                         **overrides) -> tuple[AttentionPoolHead, dict]:
     """One isolated density-ratio head for ``compartment`` (trained on ``source``): source (label 1) against the
     public ``core`` (label 0), both through this compartment's forward only. No other source is read.
@@ -321,7 +324,7 @@ def train_isolated_head(backbone: Backbone, compartment: Compartment, source: So
     bank = CompartmentBank(backbone, [compartment])
     num_classes = compartment.num_classes if compartment.config.conditional else None
     null = backbone.config.null_class if compartment.config.conditional else None
-    pos, neg = _Pool(backbone.codec, [source], num_classes), _Pool(backbone.codec, [core], num_classes)
+    pos, neg = _Pool(backbone.codec, [source], num_classes, [inputs]), _Pool(backbone.codec, [core], num_classes)
     tag = _TAG + "/isolated"
 
     def drawer(pool: _Pool):
@@ -344,15 +347,16 @@ def train_isolated_head(backbone: Backbone, compartment: Compartment, source: So
 # ----------------------------------------------------------------------------------------------- classifier
 
 
-def train_noisy_classifier(schedule: NoiseSchedule, codec: PixelCodec, sources: Sequence[Source], *,
+def train_noisy_classifier(schedule: NoiseSchedule, codec: Codec, sources: Sequence[Source], *,
                            cfg: HeadConfig | None = None, progress: bool = False,
+                           inputs: Sequence[torch.Tensor | None] | None = None,
                            **overrides) -> tuple[NoisyClassifier, dict]:
     """Train a noisy classifier ``f(x_t, t)`` over the sources: CE on ``(x_t from source k, k)``, balanced
     batches, uniform t. Keywords as :func:`train_router`. Returns ``(model, record)``."""
     cfg = _config(cfg, overrides)
     _check_sources(None, sources, "noisy classifier")
     n, T = len(sources), schedule.num_train_timesteps
-    pool = _Pool(codec, sources, None)
+    pool = _Pool(codec, sources, None, inputs)
     tag = _TAG + "/classifier"
     c, s = pool.x[0].shape[1], pool.x[0].shape[2]
     with deterministic_algorithms():

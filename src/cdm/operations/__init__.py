@@ -15,11 +15,12 @@ from .learned import (ISOLATED_KIND, LEARNED_WEIGHTINGS, ROUTER_CIDS, head_cid, 
 from .results import (Added, Attribution, CompartmentUsed, Generation, HeadsTrained, Retrain, SamplesForgotten,
                       SourceForgotten, StoredCompartment)
 from .sources import (PARAGON, add_source, add_source_dp, check_add, forget_samples, forget_source, license_tags,
-                      load_compartment, paragon_config, source_data, store_backbone, train_paragon)
+                      load_compartment, model_inputs, paragon_config, source_data, store_backbone, train_paragon)
 
-__all__ = ["DENSITIES", "ISOLATED_KIND", "LEARNED_WEIGHTINGS", "PARAGON", "ROUTER_CIDS", "Added", "Attribution",
-           "CompartmentUsed", "Generation", "HeadsTrained", "Retrain", "SamplesForgotten", "SourceForgotten",
+__all__ = ["Added", "Attribution", "CompartmentUsed", "DENSITIES", "Generation", "HeadsTrained", "ISOLATED_KIND",
+           "LEARNED_WEIGHTINGS", "PARAGON", "ROUTER_CIDS", "Retrain", "SamplesForgotten", "SourceForgotten",
            "StoredCompartment", "add_source", "add_source_dp", "attribute_samples", "check_add", "class_counts",
            "class_mixture_bank", "compose", "forget_samples", "forget_source", "generate_from_store", "head_cid",
-           "license_tags", "load_compartment", "load_weighting", "paragon_config", "runnable_weightings", "source_data",
-           "store_backbone", "train_heads", "train_isolated_op", "train_paragon", "train_router_op"]
+           "license_tags", "load_compartment", "load_weighting", "model_inputs", "paragon_config",
+           "runnable_weightings", "source_data", "store_backbone", "train_heads", "train_isolated_op", "train_paragon",
+           "train_router_op"]

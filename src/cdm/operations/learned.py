@@ -13,7 +13,7 @@ from ..errors import CdmError
 from ..composition.registry import REGISTRY, names
 from ..store import Store
 from .results import HeadsTrained, StoredCompartment
-from .sources import require_store_backbone, load_compartment, source_data
+from .sources import load_compartment, model_inputs, require_store_backbone, source_data
 
 __all__ = ["ISOLATED_KIND", "LEARNED_WEIGHTINGS", "ROUTER_CIDS", "head_cid", "load_weighting", "runnable_weightings",
            "train_heads", "train_isolated_op", "train_router_op"]
@@ -57,13 +57,14 @@ def train_router_op(store: Store, backbone: Backbone, names: list[str] | None = 
     if len(names) < 2:
         raise CdmError(f"a {kind} needs at least two sources (got {', '.join(names) or 'none'})")
     sources = [source_data(store, n) for n in names]
+    inputs = [model_inputs(store, backbone, n, s) for n, s in zip(names, sources, strict=True)]
     comp_rows = {n: store.compartment(n) for n in names} if kind == "router" else {}
     if kind == "router":
         comps = [load_compartment(store, backbone, n) for n in names]
-        module, record = train_router(backbone, comps, sources, cfg=cfg, progress=progress)
+        module, record = train_router(backbone, comps, sources, cfg=cfg, progress=progress, inputs=inputs)
     else:
         module, record = train_noisy_classifier(backbone.schedule, backbone.codec, sources, cfg=cfg,
-                                                progress=progress)
+                                                progress=progress, inputs=inputs)
     for entry, name in zip(record["sources_seen"], names, strict=True):
         entry["name"] = name
         if name in comp_rows:
@@ -100,7 +101,9 @@ def train_isolated_op(store: Store, backbone: Backbone, name: str, *, core: Sour
         from ..data import fit
 
         core = fit(core, backbone.codec.spec)
-    head, record = train_isolated_head(backbone, comp, source_data(store, name), core, cfg=cfg, progress=progress)
+    data = source_data(store, name)
+    head, record = train_isolated_head(backbone, comp, data, core, cfg=cfg, progress=progress,
+                                       inputs=model_inputs(store, backbone, name, data))
     record["sources_seen"][0].update(name=name, compartment_sha256=comp_row["weights_sha256"])
     row = store.put_compartment(head_cid(name), state_tensors(head), record, kind=ISOLATED_KIND, sources=[name],
                                 backbone_hash=backbone.hash, actor=actor)

@@ -4,6 +4,9 @@ A source's own samples are kept in the store (:meth:`~cdm.store.Store.samples_fi
 state of that source) so that a sample-level forget can retrain the compartment from scratch; forgetting the
 source deletes them with everything else derived from it. The backbone is a property of the store
 (:func:`store_backbone`): every operation here refuses another one before it writes anything.
+
+In latent mode a source's latents are computed once and cached beside its samples (:func:`model_inputs`), keyed
+by the source's content hash and the autoencoder's hash; they go wherever its samples go.
 """
 
 from __future__ import annotations
@@ -11,20 +14,23 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 
 from ..backbone import DEFAULT_BACKBONE, Backbone
 from ..compartments import Compartment, CompartmentConfig
 from ..data import Source, concat_sources, license_of, load_npz
 from ..errors import CdmError
+from ..io import save_state_dict
 from ..store import Store, StoreError, check_source_name
 from ..training.compartment import check_source_fits, train_compartment
 from ..training.record import TrainingRecord
 from .results import Added, Retrain, SamplesForgotten, SourceForgotten, StoredCompartment
 
 __all__ = ["PARAGON", "add_source", "add_source_dp", "check_add", "forget_samples", "forget_source", "license_tags",
-           "load_compartment", "paragon_config", "require_store_backbone", "source_data", "store_backbone",
-           "train_paragon"]
+           "load_compartment", "model_inputs", "paragon_config", "require_store_backbone", "source_data",
+           "store_backbone", "train_paragon"]
 
 PARAGON = "paragon"
 
@@ -81,6 +87,34 @@ def source_data(store: Store, name: str) -> Source:
     if not path.is_file():
         raise StoreError(f"source '{name}' has no stored samples (it was added without them)")
     return load_npz(path, id=name)
+
+
+def model_inputs(store: Store, backbone: Backbone, name: str, source: Source | None = None) -> torch.Tensor | None:
+    """Source ``name``'s samples in the backbone's space, rows in the source's order, for a latent backbone: read
+    from the store's cache (``Store.latents_file``) or encoded once and cached. None for a pixel backbone (pixels
+    are pooled on the fly: nothing worth caching). A cache file that does not match (content, autoencoder, row
+    count, shape) is recomputed: encoding is per image, so a cached latent equals a fresh one bit for bit."""
+    codec = backbone.codec
+    if codec.hash is None:
+        return None
+    source = source if source is not None else source_data(store, name)
+    path = store.latents_file(name, content_hash=source.content_hash, autoencoder_hash=codec.hash)
+    order = np.asarray(source._hash_order(), dtype=np.int64)  # cached rows are in content order
+    want = {"content_hash": source.content_hash, "autoencoder_hash": codec.hash, "n": str(len(source))}
+    shape = (len(source), codec.model_channels, codec.model_size, codec.model_size)
+    if path.is_file():
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta, z = f.metadata() or {}, f.get_tensor("latents")
+            if {k: meta.get(k) for k in want} == want and tuple(z.shape) == shape:
+                out = torch.empty_like(z)
+                out[torch.from_numpy(order)] = z
+                return out
+        except (OSError, ValueError, KeyError, SafetensorError):
+            pass  # damaged: recompute below
+    z = codec.encode(source.images)
+    save_state_dict(path, {"latents": z[torch.from_numpy(order)]}, metadata=want)
+    return z
 
 
 def load_compartment(store: Store, backbone: Backbone, cid: str) -> Compartment:
@@ -147,7 +181,8 @@ def add_source(store: Store, backbone: Backbone, source: Source, *, name: str, c
     data_path = store.samples_file(name, create=True)
     if not data_path.exists():
         source.to_npz(data_path)
-    kwargs = dict(work_dir=store.work_dir(name, sources=[name]), max_minutes=max_minutes, progress=progress)
+    kwargs = dict(work_dir=store.work_dir(name, sources=[name]), max_minutes=max_minutes, progress=progress,
+                  inputs=model_inputs(store, backbone, name, source))
     comp, record = _train(backbone, source, cfg, dp, **kwargs)
     record.source.update(spec=source.id, id=name)
     if comp is None:
@@ -202,9 +237,12 @@ def train_paragon(store: Store, backbone: Backbone, *, cfg: CompartmentConfig | 
         raise StoreError("the store has no sources to train a paragon on")
     require_store_backbone(store, backbone)
     cfg = cfg if cfg is not None else paragon_config(store, names)
-    union = concat_sources([source_data(store, n) for n in names], id="+".join(names))
+    parts = [source_data(store, n) for n in names]
+    union = concat_sources(parts, id="+".join(names))
+    inputs = [model_inputs(store, backbone, n, p) for n, p in zip(names, parts, strict=True)]
     comp, record = train_compartment(backbone, union, cfg, work_dir=store.work_dir(PARAGON, sources=names),
-                                     max_minutes=max_minutes, progress=progress)
+                                     max_minutes=max_minutes, progress=progress,
+                                     inputs=None if inputs[0] is None else torch.cat(inputs))
     record.source.update(id=PARAGON, sources=names)
     if comp is None:
         return Added(record, None)
@@ -254,7 +292,7 @@ def forget_samples(store: Store, backbone: Backbone, name: str, sample_ids: list
     # 3. retrain from scratch (same config and seed)
     with torch.random.fork_rng():
         comp, record = _train(backbone, reduced, cfg, dp, work_dir=store.work_dir(name, sources=[name]),
-                              progress=progress)
+                              progress=progress, inputs=model_inputs(store, backbone, name, reduced))
     record.source.update(spec=spec, id=name)
     new = _put(store, name, comp, record, kind="compartment", sources=[name], backbone=backbone, actor=actor)
     seconds = time.perf_counter() - t0

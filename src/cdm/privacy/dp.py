@@ -43,7 +43,7 @@ from ..errors import TrainingError
 from ..io import config_from_dict
 from ..training.checkpoint import load_checkpoint, save_checkpoint
 from ..training.common import deterministic_algorithms, lr_at, progress_bar, step_generator
-from ..training.compartment import canonical_order, check_source_fits, training_record
+from ..training.compartment import check_source_fits, model_space, training_record
 
 __all__ = ["ACCOUNTANTS", "DPConfig", "PromptDenoiser", "calibrate", "epsilon_spent", "per_sample_grads",
            "train_compartment_dp"]
@@ -167,15 +167,15 @@ def per_sample_grads(gsm, comp: Compartment, xt: torch.Tensor, t: torch.Tensor, 
 
 
 def _train(backbone: Backbone, source: Source, cfg: CompartmentConfig, dp: DPConfig, *, work_dir=None,
-           max_minutes: float | None = None, progress: bool = True, max_noise_multiplier: float = 50.0):
+           max_minutes: float | None = None, progress: bool = True, max_noise_multiplier: float = 50.0,
+           inputs: torch.Tensor | None = None):
     from opacus import GradSampleModule
 
     lr_at(0, lr=cfg.lr, warmup=cfg.warmup, steps=cfg.steps, schedule=cfg.lr_schedule)
     backbone.freeze()
     comp = Compartment.for_backbone(backbone, cfg)
     check_source_fits(source, comp)
-    data = canonical_order(source)
-    n = len(data)
+    n = len(source)
     q = cfg.batch_size / n
     delta = dp.delta_for(n)
     sigma = calibrate(dp.epsilon, delta, q, cfg.steps, dp.accountant)
@@ -183,7 +183,7 @@ def _train(backbone: Backbone, source: Source, cfg: CompartmentConfig, dp: DPCon
         raise TrainingError(f"epsilon {dp.epsilon:g} needs noise multiplier {sigma:.1f} (> {max_noise_multiplier:g}) "
                             f"with {cfg.steps} steps at expected batch {cfg.batch_size} of {n} samples: the noise "
                             "would drown every gradient; allow a larger epsilon or use fewer steps")
-    x_all = backbone.codec.encode(data.images)
+    data, x_all = model_space(backbone.codec, source, inputs)
     y_all = torch.tensor(data.labels if data.labels is not None else np.zeros(n), dtype=torch.long)
     comp.init_prompts(step_generator(_TAG + "/init", cfg.seed, 0))
     model = PromptDenoiser(backbone, comp)
@@ -274,9 +274,9 @@ def train_compartment_dp(backbone: Backbone, source: Source, cfg: CompartmentCon
     augmult, ...}. ``cfg.batch_size`` is the *expected* (Poisson) batch size; ``cfg.grad_clip`` is unused (the
     per-sample clip is ``dp.max_grad_norm``). Give ``dp`` or ``epsilon=`` (other fields default).
 
-    Keywords: ``work_dir`` (resumable checkpoint), ``max_minutes``, ``progress``, ``max_noise_multiplier``
-    (refuse a budget that needs more noise, default 50). A :class:`TrainingError` when the epsilon cannot be
-    met with these steps and this batch."""
+    Keywords: ``work_dir`` (resumable checkpoint), ``max_minutes``, ``progress``, ``inputs`` (the source's rows
+    in the backbone's space, e.g. cached latents), ``max_noise_multiplier`` (refuse a budget that needs more noise,
+    default 50). A :class:`TrainingError` when the epsilon cannot be met with these steps and this batch."""
     if dp is None:
         if epsilon is None:
             raise ValueError("give a DPConfig or epsilon=")

@@ -87,6 +87,7 @@ PROMPTS_NAME = "prompts.safetensors"
 MANIFEST_NAME = "manifest.json"
 WORK_RECORD_NAME = "cdm-work.json"
 SAMPLES_NAME = "source.npz"  # a source's own samples, under work/data.<source>/
+LATENTS_PREFIX = "latents-"  # work/data.<source>/latents-<content hash>-<autoencoder hash>.safetensors
 LOCK_NAME = ".lock"
 KINDS = ("compartment", "paragon", "router")  # the kinds cdm writes; any lower-case identifier is accepted
 
@@ -626,6 +627,11 @@ class Store:
             with self._tx() as db:
                 db.execute("UPDATE sources SET content_hash = ?, n = ? WHERE id = ?", (content_hash, n, source_id))
                 self._audit(db, actor, "update-source", source_id, {"n_before": old["n"], "n_after": n})
+            folder = self._wdir / f"{_RESERVED_PREFIXES[0]}{source_id}"
+            for f in sorted(folder.glob(LATENTS_PREFIX + "*")) if folder.is_dir() else ():
+                f.unlink()  # latents of the old content: they hold the forgotten samples
+            if folder.is_dir():
+                _fsync_dir(folder)
             self._vacuum()
         return self.source(source_id)
 
@@ -908,6 +914,18 @@ class Store:
             return self.work_dir(folder, sources=[source_id]) / SAMPLES_NAME
         self._require_source(source_id)
         return self._wdir / folder / SAMPLES_NAME
+
+    def latents_file(self, source_id: str, *, content_hash: str, autoencoder_hash: str) -> Path:
+        """Where a source's cached latents under one autoencoder live: beside its samples, named by the source's
+        content hash and the autoencoder's hash (``work/data.<source>/latents-<content>-<autoencoder>``). Forgetting
+        the source deletes them with its samples; forgetting samples (:meth:`update_source_content`) deletes every
+        latent file of the old content. The caller writes the file atomically (the folder exists)."""
+        _check_hash("content_hash", content_hash)
+        _check_hash("autoencoder_hash", autoencoder_hash)
+        folder = self.samples_file(source_id).parent
+        if not folder.is_dir():
+            raise StoreError(f"source '{source_id}' has no samples in {self.path}; re-add it")
+        return folder / f"{LATENTS_PREFIX}{content_hash[:32]}-{autoencoder_hash[:32]}.safetensors"
 
     def clear_work(self, cid: str) -> bool:
         """Delete the training state of ``cid``; True if there was any."""

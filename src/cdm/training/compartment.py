@@ -16,7 +16,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ..backbone import Backbone
+from ..backbone import Backbone, Codec
 from ..compartments import Compartment, CompartmentConfig
 from ..data import Source
 from ..errors import DataError, TrainingError
@@ -26,29 +26,45 @@ from .record import TrainingRecord
 from .common import deterministic_algorithms, lr_at, progress_bar, step_generator
 from .loss import draw_noise, eps_loss, held_out_loss
 
-__all__ = ["TrainingRecord", "canonical_order", "train_compartment", "check_source_fits", "training_record"]
+__all__ = ["TrainingRecord", "canonical_order", "check_source_fits", "model_space", "train_compartment",
+           "training_record"]
 
 _TAG = "cdm-compartment"
 
 
+def _canonical_index(source: Source) -> np.ndarray:
+    labels = source.labels if source.labels is not None else np.zeros(len(source), dtype=np.int64)
+    return np.asarray(sorted(range(len(source)), key=lambda i: (source.sample_hashes[i], int(labels[i]))),
+                      dtype=np.int64)
+
+
 def canonical_order(source: Source) -> Source:
     """The source with its samples sorted by (sample hash, label): training sees content, not order."""
-    labels = source.labels if source.labels is not None else np.zeros(len(source), dtype=np.int64)
-    order = sorted(range(len(source)), key=lambda i: (source.sample_hashes[i], int(labels[i])))
-    return source.subset(np.asarray(order, dtype=np.int64), id=source.id)
+    return source.subset(_canonical_index(source), id=source.id)
 
 
-def split_validation(data: Source, share: float) -> tuple[Source, tuple[torch.Tensor, torch.Tensor | None] | None]:
-    """(training part, validation set or None): the ``share`` of samples with the smallest hashes, at least one
+def model_space(codec: Codec, source: Source, inputs: torch.Tensor | None = None) -> tuple[Source, torch.Tensor]:
+    """``(source in canonical order, its rows in the codec's model space)``. ``inputs``: the source's rows already
+    encoded (cached latents, ``operations.model_inputs``), in the source's own order; else ``codec`` encodes them.
+    Encoding is per image, so both give the same tensor bit for bit."""
+    order = _canonical_index(source)
+    data = source.subset(order, id=source.id)
+    if inputs is None:
+        return data, codec.encode(data.images)
+    want = (len(source), codec.model_channels, codec.model_size, codec.model_size)
+    if tuple(inputs.shape) != want:
+        raise DataError(f"{source.id}: encoded inputs are {tuple(inputs.shape)}, expected {want}")
+    return data, inputs[torch.from_numpy(order)]
+
+
+def split_validation(data: Source, share: float) -> tuple[np.ndarray, np.ndarray | None]:
+    """(training rows, validation rows or None): the ``share`` of samples with the smallest hashes, at least one
     and never all; none when ``share`` is 0 or the source has fewer than 10 samples. Depends on content only."""
     n_val = int(round(share * len(data)))
     if share <= 0 or len(data) < 10 or n_val < 1:
-        return data, None
+        return np.arange(len(data)), None
     order = np.argsort(np.asarray(data.sample_hashes), kind="stable")
-    val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
-    val = data.subset(val_idx, id=f"{data.id}/validation")
-    return data.subset(train_idx, id=data.id), (
-        val.images, None if val.labels is None else torch.tensor(val.labels, dtype=torch.long))
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
 def check_source_fits(source: Source, compartment: Compartment) -> None:
@@ -71,6 +87,7 @@ def _train_compartment(
     max_minutes: float | None = None,
     progress: bool = True,
     on_batch: Callable[[np.ndarray], None] | None = None,
+    inputs: torch.Tensor | None = None,
 ) -> tuple[Compartment | None, TrainingRecord]:
     """Train a compartment; returns ``(compartment, record)``, or ``(None, record)`` if ``max_minutes`` paused it.
 
@@ -81,10 +98,13 @@ def _train_compartment(
     backbone.freeze()
     comp = Compartment.for_backbone(backbone, cfg)
     check_source_fits(source, comp)
-    data, val = split_validation(canonical_order(source), cfg.validation)
-    if val is not None:
-        val = (backbone.codec.encode(val[0]), val[1] if cfg.conditional else None)
-    x_all = backbone.codec.encode(data.images)
+    data, x_all = model_space(backbone.codec, source, inputs)
+    train_idx, val_idx = split_validation(data, cfg.validation)
+    val = None
+    if val_idx is not None:
+        val = (x_all[torch.from_numpy(val_idx)],
+               torch.tensor(data.labels[val_idx], dtype=torch.long) if cfg.conditional else None)
+        data, x_all = data.subset(train_idx, id=data.id), x_all[torch.from_numpy(train_idx)]
     y_all = torch.tensor(data.labels if data.labels is not None else np.zeros(len(data)), dtype=torch.long)
     comp.init_prompts(step_generator(_TAG + "/init", cfg.seed, 0))
     opt = torch.optim.Adam(comp.parameters(), lr=cfg.lr)
@@ -191,7 +211,8 @@ def train_compartment(backbone: Backbone, source: Source, cfg: CompartmentConfig
     """Train a compartment; returns ``(compartment, record)``, or ``(None, record)`` if ``max_minutes`` paused it.
 
     Keywords: ``work_dir`` (resumable checkpoint; a finished run leaves it for the caller to clear),
-    ``max_minutes``, ``progress``, ``on_batch``. The backbone is frozen and never written. Deterministic kernels
+    ``max_minutes``, ``progress``, ``on_batch``, ``inputs`` (the source's rows already in the backbone's space,
+    e.g. cached latents). The backbone is frozen and never written. Deterministic kernels
     are on inside, restored after.
     """
     with deterministic_algorithms():
