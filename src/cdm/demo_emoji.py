@@ -19,7 +19,7 @@ import numpy as np
 from .backbone import Backbone
 from .benchmark.emoji import PROTECTED, PUBLIC, populated_categories
 from .compartments import CompartmentConfig
-from .data import EMOJI_CATEGORIES
+from .data import EMOJI_CATEGORIES, ImageSpec
 from .demo import fresh_store
 from .evaluation import ImageClassifier, classify, source_probs
 from .evaluation.emoji_judge import ARTIST_ORDER, TRAIN_HALF, artist_half
@@ -42,9 +42,9 @@ def run_emoji_demo(out: Path, *, backbone: Path, judge: Path, per_class: int = 6
     t_all = time.perf_counter()
     bb = Backbone.from_pretrained(backbone)
     judge_net = ImageClassifier.from_pretrained(judge)
-    if (bb.codec.data_size, bb.config.in_chans) != (32, 3) or judge_net.config.num_sources != len(ARTIST_ORDER):
-        raise ValueError("the emoji demo needs the 32x32 RGB emoji backbone and the emoji judge "
-                         "(shipped:backbone-emoji, shipped:judge-emoji)")
+    if bb.codec.spec != ImageSpec(32, 32, 3) or judge_net.config.num_sources != len(ARTIST_ORDER):
+        raise ValueError("the emoji demo needs an emoji backbone of 32x32 RGB images and the emoji judge "
+                         "(shipped:backbone-emoji or shipped:backbone-emoji-latent, shipped:judge-emoji)")
     labels = np.repeat(np.asarray(populated_categories()), per_class)
     sample = dict(solver="ddpm", steps=50, seed=seed)
     results: dict = {"per_class": per_class, "steps": steps, "seed": seed}

@@ -189,16 +189,17 @@ def _codec(rel: dict, cfg: UViTConfig, where: str, autoencoder: str | os.PathLik
             raise WeightsError(f"{where}: \"latent\" must be an object (the autoencoder it needs)")
         lat = rel["latent"]
         if autoencoder is None:
+            need = lat.get("autoencoder", "the one it was trained on")
             raise WeightsError(f"{where} is a latent model: give its autoencoder's folder with --autoencoder DIR (a "
-                               f"diffusers AutoencoderKL; it needs {lat.get('autoencoder', 'the one it was trained on')})")
+                               f"diffusers AutoencoderKL; it needs {need})")
         from ..autoencoder import Autoencoder
 
         ae = Autoencoder.from_pretrained(autoencoder)
         size = lat.get("image_size", cfg.img_size * ae.factor)
         if (ae.latent_channels, size) != (cfg.in_chans, cfg.img_size * ae.factor):
             raise WeightsError(f"{where}: the model takes {cfg.in_chans}x{cfg.img_size}x{cfg.img_size} latents of "
-                               f"{size}x{size} images; autoencoder {autoencoder} gives {ae.latent_channels} channels at "
-                               f"1/{ae.factor} of the side")
+                               f"{size}x{size} images; autoencoder {autoencoder} gives {ae.latent_channels} channels "
+                               f"at 1/{ae.factor} of the side")
         return {"kind": "latent", "autoencoder": ae.ref, "autoencoder_hash": ae.hash, "data_size": size,
                 "channels": ae.channels}
     if cfg.in_chans not in (1, 3):

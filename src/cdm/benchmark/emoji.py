@@ -33,7 +33,7 @@ import numpy as np
 from .. import operations as ops
 from ..backbone import Backbone
 from ..compartments import CompartmentConfig
-from ..data import EMOJI_CATEGORIES, emoji
+from ..data import EMOJI_CATEGORIES, ImageSpec, emoji
 from ..evaluation import FIDScorer, ImageClassifier, classify, source_probs
 from ..evaluation.emoji_judge import ARTIST_ORDER, TRAIN_HALF, artist_half, evaluate_judge, judge_data
 from ..io import atomic_write_bytes, atomic_write_json
@@ -255,9 +255,10 @@ def run_emoji_bench(profile: str | EmojiProfile, out: str | Path, *, backbone: s
     if profile.forget not in PROTECTED:
         raise ValueError(f"forget must be one of the protected artists ({', '.join(PROTECTED)})")
     bb = Backbone.from_pretrained(backbone)
-    if (bb.codec.data_size, bb.config.in_chans) != (32, 3) or bb.config.num_classes != len(EMOJI_CATEGORIES) + 1:
-        raise ValueError(f"{backbone}: the emoji benchmark needs a 32x32 RGB backbone conditional on the "
-                         f"{len(EMOJI_CATEGORIES)} emoji categories (shipped:backbone-emoji)")
+    if bb.codec.spec != ImageSpec(32, 32, 3) or bb.config.num_classes != len(EMOJI_CATEGORIES) + 1:
+        raise ValueError(f"{backbone}: the emoji benchmark needs a backbone of 32x32 RGB images (pixels or latents) "
+                         f"conditional on the {len(EMOJI_CATEGORIES)} emoji categories (shipped:backbone-emoji, "
+                         "shipped:backbone-emoji-latent)")
     judge_net = ImageClassifier.from_pretrained(judge)
     if (judge_net.config.image_size, judge_net.config.channels, judge_net.config.num_sources) != \
             (32, 3, len(ARTIST_ORDER)):
@@ -285,6 +286,7 @@ def run_emoji_bench(profile: str | EmojiProfile, out: str | Path, *, backbone: s
     results["targets"] = targets(results)
     results["meta"] = {"commit": git_commit(), "machine": machine_info(), "profile": name, "profile_config": current,
                        "backbone": str(backbone), "backbone_hash": bb.hash, "judge": str(judge),
+                       "space": "latent" if bb.latent else "pixels",
                        "categories": [EMOJI_CATEGORIES[k] for k in populated_categories()],
                        "part_seconds": need.field("wall_seconds"), "part_commits": need.field("commit"),
                        **(meta or {})}

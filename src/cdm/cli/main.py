@@ -44,8 +44,30 @@ AttributionWeighting = _choices("AttributionWeighting", ("ode", *(k for k in wei
 Accountant = _choices("Accountant", ("rdp", "prv"))
 Profile = _choices("Profile", ("toy", "quick", "full"))
 Dataset = _choices("Dataset", ("digits", "emoji"))
-# per dataset: the shipped backbone and judge its commands default to
+# per dataset: the shipped backbone and judge its commands default to, and its shipped latent backbone (--latent)
 DATASET_WEIGHTS = {"digits": ("backbone", "classifier"), "emoji": ("backbone-emoji", "judge-emoji")}
+LATENT_BACKBONES = {"emoji": "backbone-emoji-latent"}
+
+
+def _dataset_weights(dataset: str, backbone: Path | None, classifier: Path | None, latent: bool) -> tuple:
+    """(backbone, judge) for a command on ``dataset``: the given ones, else the shipped ones (``latent``: the
+    dataset's shipped latent backbone)."""
+    bb_name, judge_name = DATASET_WEIGHTS[dataset]
+    if latent:
+        if backbone is not None:
+            raise CdmError("--latent picks the shipped latent backbone: leave out --backbone (or give a latent one "
+                           "without --latent)")
+        if dataset not in LATENT_BACKBONES:
+            raise CdmError(f"no latent backbone ships for {dataset}; give one with --backbone (`cdm pretrain "
+                           "--autoencoder ...` trains one)")
+        bb_name = LATENT_BACKBONES[dataset]
+    return backbone or shipped(bb_name), classifier or shipped(judge_name)
+
+
+def _latent_option():
+    return typer.Option(False, help="Latent mode: the dataset's shipped latent backbone (U-ViT on the latents of "
+                                    "cdm's autoencoder, shipped:autoencoder-emoji). A --backbone that is latent "
+                                    "needs no flag.")
 Filter = _choices("Filter", FILTERS)
 WEIGHTING_HELP = "How composition weights are obtained: " + "; ".join(
     f"{k}: {REGISTRY[k].help}" for k in weighting_names()) + "."
@@ -105,7 +127,10 @@ def pretrain(
                                   "(the data is fitted to it)."),
     channels: int = typer.Option(_PC.channels, help="1 grey or 3 RGB."),
     image_size: int = typer.Option(_PC.img_size, help="Side the U-ViT sees (data_size must be a multiple: average "
-                                   "pooling in, bilinear upsampling out)."),
+                                   "pooling in, bilinear upsampling out; latent mode: data_size / the autoencoder's "
+                                   "factor)."),
+    autoencoder: str = typer.Option("", help="Latent mode: an autoencoder folder (diffusers AutoencoderKL) or "
+                                    "shipped:autoencoder-emoji; the U-ViT then works on its latents."),
     patch_size: int = typer.Option(_PC.patch_size, help="U-ViT patch side."),
     embed_dim: int = typer.Option(_PC.embed_dim, help="U-ViT token width."),
     depth: int = typer.Option(_PC.depth, help="U-ViT blocks (depth // 2 in, 1 mid, depth // 2 out)."),
@@ -130,11 +155,16 @@ def pretrain(
     _threads(threads)
     try:
         cfg = PretrainConfig(data=data, data_size=data_size, channels=channels, img_size=image_size,
+                             autoencoder=autoencoder,
                              patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=heads,
                              unconditional=unconditional, schedule=_value(schedule), steps=steps,
                              batch_size=batch_size, lr=lr, lr_schedule=_value(lr_schedule), glyphs=glyphs,
                              public_digits=public_digits, seed=seed)
         cfg.model_config(), cfg.image_spec  # noqa: B018 (validates the architecture and image spec first)
+        if autoencoder:
+            from ..training.pretrain import make_codec
+
+            make_codec(cfg)  # the autoencoder loads and fits the sizes, before any work
     except ValueError as e:
         raise CdmError(f"pretrain: {e}") from None
     rec = run(cfg, out, max_minutes=max_minutes, command=_command())
@@ -318,12 +348,12 @@ def demo(
     steps: int | None = typer.Option(None, help="Training steps per demo compartment (default: 300 digits, "
                                      "100 emoji)."),
     seed: int = typer.Option(0, help="Seed of training and sampling."),
+    latent: bool = _latent_option(),
 ) -> None:
     """The main job on the embedded data: backbone samples, compartments, composition, attribution, a forget;
     writes report.md."""
     name = _value(dataset)
-    bb_name, judge_name = DATASET_WEIGHTS[name]
-    backbone, classifier = backbone or shipped(bb_name), classifier or shipped(judge_name)
+    backbone, classifier = _dataset_weights(name, backbone, classifier, latent)
     if name == "emoji":
         from ..demo_emoji import run_emoji_demo
 
@@ -354,11 +384,11 @@ def bench(
     classifier: Path | None = typer.Option(None, help="Judge directory (default: the dataset's shipped one)."),
     threads: int | None = _threads_option(),
     device: str = typer.Option("cpu", help="Where the backbone's transformer runs: cpu, cuda, cuda:1 ..."),
+    latent: bool = _latent_option(),
 ) -> None:
     """The benchmark on the embedded data: results.json, report.md, plots, sample sets."""
     name = _value(dataset)
-    bb_name, judge_name = DATASET_WEIGHTS[name]
-    backbone, classifier = backbone or shipped(bb_name), classifier or shipped(judge_name)
+    backbone, classifier = _dataset_weights(name, backbone, classifier, latent)
     _threads(threads)
     if name == "emoji":
         from ..benchmark.emoji import EMOJI_PARTS, run_emoji_bench

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..backbone import Backbone, PixelCodec, UViT, UViTConfig
+from ..backbone import Backbone, Codec, LatentCodec, PixelCodec, UViT, UViTConfig
 from ..data.glyphs import glyphs
 from ..data.mnist import public_protected
 from ..data.source import Source, concat_sources
@@ -36,7 +36,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .common import deterministic_algorithms, lr_at, progress_bar, step_generator
 from .loss import draw_noise, eps_loss
 
-__all__ = ["PretrainConfig", "pretrain", "public_training_set"]
+__all__ = ["PretrainConfig", "make_codec", "pretrain", "public_training_set"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,8 @@ class PretrainConfig:
     data: str = ""  # a source spec of public images (folder, .npz ...); "" = the public digits and/or glyphs below
     data_size: int = 28  # side of the stored (square) images the backbone takes; a multiple of img_size
     channels: int = 1  # 1 grey, 3 RGB (data of the other kind is converted)
+    autoencoder: str = ""  # latent mode: an autoencoder folder or shipped:NAME (img_size = data_size / its factor,
+    #                        in_chans = its latent channels); "" = pixel mode
     unconditional: bool = False  # no class token (and no guidance); labels, if any, are ignored
     glyphs: int = 0  # synthetic digit glyphs added to the 1,000 public MNIST digits (0 = none)
     public_digits: bool = True  # False: glyphs only, a backbone that never saw a handwritten digit (the paper's
@@ -69,12 +71,12 @@ class PretrainConfig:
     seed: int = 0
     checkpoint_every: int = 200  # steps between checkpoints
 
-    def model_config(self, n_classes: int = 10) -> UViTConfig:
+    def model_config(self, n_classes: int = 10, in_chans: int | None = None) -> UViTConfig:
         """The U-ViT for data of ``n_classes`` classes: one label row each plus the null class (for guidance),
-        or none when unconditional."""
+        or none when unconditional; ``in_chans`` (default: the image channels) is the latent's in latent mode."""
         labels = dict(num_classes=-1, null_class=None) if self.unconditional or n_classes < 1 else \
             dict(num_classes=n_classes + 1, null_class=n_classes)
-        return UViTConfig(img_size=self.img_size, patch_size=self.patch_size, in_chans=self.channels,
+        return UViTConfig(img_size=self.img_size, patch_size=self.patch_size, in_chans=in_chans or self.channels,
                           embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads, **labels)
 
     @property
@@ -106,6 +108,20 @@ def public_training_set(cfg: PretrainConfig) -> Source:
     return concat_sources([public, g], id=f"{public.id}+{g.id}") if cfg.public_digits else g
 
 
+def make_codec(cfg: PretrainConfig) -> Codec:
+    """Pixels pooled to ``img_size``, or (``cfg.autoencoder``) that autoencoder's latents, which must come out
+    ``img_size`` on a side."""
+    if not cfg.autoencoder:
+        return PixelCodec(data_size=cfg.data_size, model_size=cfg.img_size, channels=cfg.channels)
+    from ..autoencoder import Autoencoder
+
+    codec = LatentCodec(Autoencoder.from_pretrained(cfg.autoencoder), data_size=cfg.data_size, channels=cfg.channels)
+    if codec.model_size != cfg.img_size:
+        raise TrainingError(f"autoencoder {cfg.autoencoder} makes {codec.model_size}x{codec.model_size} latents of "
+                            f"{cfg.data_size}x{cfg.data_size} images: set the image size to {codec.model_size}")
+    return codec
+
+
 def _pretrain(cfg: PretrainConfig, out: str | Path, *, max_minutes: float | None = None, progress: bool = True,
              command: str | None = None, on_batch: Callable[[np.ndarray], None] | None = None) -> dict:
     """Train (or resume) a backbone in ``out``; when ``cfg.steps`` are done, write the shipped bundle there.
@@ -120,10 +136,10 @@ def _pretrain(cfg: PretrainConfig, out: str | Path, *, max_minutes: float | None
     if data.spec != cfg.image_spec:
         raise TrainingError(f"{data.id}: images are {data.spec}, the config says {cfg.image_spec} (set data_size "
                             "and channels, or give data that fits)")
-    codec = PixelCodec(data_size=cfg.data_size, model_size=cfg.img_size, channels=cfg.channels)
+    codec = make_codec(cfg)
     schedule = NoiseSchedule(cfg.schedule)
     x_all = codec.encode(data.images)
-    model_cfg = cfg.model_config(len(data.classes))
+    model_cfg = cfg.model_config(len(data.classes), in_chans=codec.model_channels)
     conditional = model_cfg.num_classes > 0
     y_all = torch.tensor(data.labels, dtype=torch.long) if conditional else None
 
