@@ -103,6 +103,7 @@ def test_latents_are_cached_in_the_store_and_forgotten_with_their_samples(latent
         assert bb.codec.hash[:32] in cached[0].name
         z = model_inputs(st, bb, "s0")
         assert torch.equal(z, bb.codec.encode(parts[0].images))  # cached == fresh, bit for bit, in source order
+        assert st.verify() == []
         # a pixel backbone (or another autoencoder's) is refused by the store
         with pytest.raises(CdmError, match="was created with backbone"):
             add_source(st, Backbone(bb.net, codec=LatentCodec(_ae(tmp_path / "o", seed=5), data_size=28,
@@ -135,7 +136,7 @@ def test_latents_are_cached_in_the_store_and_forgotten_with_their_samples(latent
         # forgetting the source: its latents leave with its samples, no byte of them left in the store
         probe = now[0].read_bytes()[-64:]
         forget_source(st, "s0", reason="withdrawn")
-        assert not folder.exists()
+        assert not folder.exists() and st.verify() == []
         for f in st.path.rglob("*"):
             if f.is_file():
                 data = f.read_bytes()

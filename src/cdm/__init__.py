@@ -1,7 +1,8 @@
 """cdm: Compartmentalized Diffusion Models (Golatkar et al.) on a frozen, pretrained U-ViT.
 
 Layers, imported one way only: ``sampling`` (schedules, solvers; no models) and ``data`` at the bottom,
-``backbone`` (U-ViT, codec, pretrained bundle), ``training``, ``evaluation``, ``generation``, then ``cli``.
+``autoencoder`` (latent mode), ``backbone`` (U-ViT, pixel or latent codec, pretrained bundle), ``training``,
+``evaluation``, ``generation``, then ``cli``.
 Heavy submodules load lazily: ``import cdm`` is cheap.
 """
 
@@ -16,6 +17,8 @@ _EXPORTS = {
     "UViT": "cdm.backbone",
     "UViTConfig": "cdm.backbone",
     "PixelCodec": "cdm.backbone",
+    "LatentCodec": "cdm.backbone",
+    "Autoencoder": "cdm.autoencoder",
     "NoiseSchedule": "cdm.sampling",
     "sample": "cdm.sampling",
     "classifier_free_guidance": "cdm.sampling",
