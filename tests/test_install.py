@@ -37,5 +37,14 @@ def test_an_installed_wheel_samples_from_another_directory(tmp_path):
     with np.load(elsewhere / "o" / "samples.npz") as f:
         assert f["images"].shape == (2, 28, 28) and f["labels"].tolist() == [3, 4]
     shipped = sorted(p.name for p in (site / "cdm" / "weights").iterdir())
-    assert shipped == ["backbone", "backbone-emoji", "backbone-glyphs", "classifier", "judge-emoji"]
+    assert shipped == ["autoencoder-emoji", "backbone", "backbone-emoji", "backbone-emoji-latent", "backbone-glyphs",
+                       "classifier", "judge-emoji"]
     assert (site / "cdm" / "data" / "emoji" / "twemoji.npz").is_file()
+    # the shipped latent backbone finds its shipped autoencoder inside the installed package
+    code = (f"import sys; sys.path.insert(0, {str(site)!r}); from cdm.backbone import Backbone; "
+            "bb = Backbone.from_pretrained('shipped:backbone-emoji-latent'); "
+            "assert bb.latent and str(bb.codec.autoencoder.ref) == 'shipped:autoencoder-emoji'; "
+            f"assert __import__('cdm').__file__.startswith({str(site)!r})")
+    res = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr

@@ -76,6 +76,29 @@ def test_the_autoencoder_contract(tmp_path):
         Autoencoder.from_pretrained(tmp_path / "bad")
 
 
+def test_the_autoencoder_trains_on_public_data_only(tmp_path):
+    from cdm.autoencoder.train import AutoencoderTrainConfig, public_autoencoder_set, train_autoencoder
+    from cdm.data.emoji import ARTISTS, emoji
+    from cdm.shipped import WEIGHTS_DIR
+
+    cfg = AutoencoderTrainConfig(widths=(4, 8), steps=2, batch_size=4, glyphs=20)
+    images, data = public_autoencoder_set(cfg)
+    seen = {img.tobytes() for img in images}
+    for artist in ARTISTS:
+        if artist != "noto":
+            assert not seen & {img.tobytes() for img in emoji(artist).images}, artist
+    assert {img.tobytes() for img in emoji("noto").images} <= seen and data["n"] == len(images)
+    ae, record = train_autoencoder(cfg, tmp_path / "ae", progress=False, evaluate=False)
+    assert ae.factor == 2 and (tmp_path / "ae" / "training.json").exists() and record["steps_done"] == 2
+    z = ae.encode(torch.from_numpy(images).float().permute(0, 3, 1, 2) / 127.5 - 1)
+    assert abs(float(z.mean())) < 1e-3 and abs(float(z.std()) - 1) < 1e-3  # shift and scale normalise them
+    runner = CliRunner()
+    res = runner.invoke(app, ["train-autoencoder", "--out", str(WEIGHTS_DIR / "x"), "--steps", "1"])
+    assert res.exit_code != 0 and "inside the shipped weights" in str(res.exception)
+    res = runner.invoke(app, ["train-autoencoder", "--out", str(tmp_path / "ae"), "--steps", "1"])
+    assert res.exit_code != 0 and "not an empty directory" in str(res.exception)
+
+
 def test_a_latent_backbone_is_bound_to_its_autoencoder(latent, tmp_path):
     bb = Backbone.from_pretrained(latent / "bb")
     assert bb.latent and bb.codec.model_size == 14 and bb.codec.model_channels == 4 and not bb.codec.clip_x0

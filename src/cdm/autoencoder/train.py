@@ -106,7 +106,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def reconstruct(ae: Autoencoder, images: np.ndarray) -> np.ndarray:
     """uint8 images (grey or RGB) through the autoencoder and back, in their own format."""
-    x = torch.from_numpy(to_rgb(images)).float().permute(0, 3, 1, 2) / 127.5 - 1.0
+    x = torch.from_numpy(np.array(to_rgb(images))).float().permute(0, 3, 1, 2) / 127.5 - 1.0
     y = ae.decode(ae.encode(x)).clamp(-1, 1)
     y = ((y + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return y if images.ndim == 4 else np.round(y.astype(np.float32).mean(-1)).astype(np.uint8)
@@ -124,11 +124,13 @@ def psnr_report(ae: Autoencoder) -> dict[str, float]:
 
 
 def train_autoencoder(cfg: AutoencoderTrainConfig, out: str | Path, *, progress: bool = True,
-                      command: str | None = None) -> tuple[Autoencoder, dict]:
-    """Train on :func:`public_autoencoder_set`, set scale and shift, save to ``out``; returns it and its record."""
+                      command: str | None = None, evaluate: bool = True) -> tuple[Autoencoder, dict]:
+    """Train on :func:`public_autoencoder_set`, set scale and shift, save to ``out``; returns it and its record
+    (with ``evaluate``, the :func:`psnr_report`)."""
     images, data = public_autoencoder_set(cfg)
     torch.manual_seed(cfg.seed)
-    net = small_autoencoder(latent_channels=cfg.latent_channels, widths=cfg.widths)
+    net = small_autoencoder(latent_channels=cfg.latent_channels, widths=cfg.widths,
+                            groups=math.gcd(8, *cfg.widths))  # group norm: 8 groups, fewer for tiny widths
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     g = np.random.default_rng([cfg.seed, 11])
     t0, losses = time.perf_counter(), []
@@ -164,6 +166,8 @@ def train_autoencoder(cfg: AutoencoderTrainConfig, out: str | Path, *, progress:
               "data": data, "steps_done": cfg.steps, "wall_seconds": round(wall, 1),
               "final_loss": round(float(np.mean(losses[-100:])), 5), "machine": machine_info(),
               "latent_stats": {"mean": round(float(z.mean()), 6), "std": round(float(z.std()), 6)},
-              "psnr_public": round(psnr(images, reconstruct(ae, images)), 3), "psnr": psnr_report(ae)}
+              "psnr_public": round(psnr(images, reconstruct(ae, images)), 3)}
+    if evaluate:
+        record["psnr"] = psnr_report(ae)
     ae.save_pretrained(out, record=record)
     return Autoencoder.from_pretrained(out), record
