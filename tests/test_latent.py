@@ -101,7 +101,7 @@ def test_the_autoencoder_trains_on_public_data_only(tmp_path):
 
 def test_a_latent_backbone_is_bound_to_its_autoencoder(latent, tmp_path):
     bb = Backbone.from_pretrained(latent / "bb")
-    assert bb.latent and bb.codec.model_size == 14 and bb.codec.model_channels == 4 and not bb.codec.clip_x0
+    assert bb.latent and bb.codec.model_size == 14 and bb.codec.model_channels == 4 and bb.codec.x0_range is None
     cfg = json.loads((latent / "bb" / "config.json").read_text())["codec"]
     assert cfg["kind"] == "latent" and cfg["autoencoder_hash"] == bb.codec.autoencoder.hash
     assert bb.hash != state_dict_sha256(bb.net.state_dict())  # the hash covers the autoencoder

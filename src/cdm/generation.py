@@ -41,7 +41,8 @@ def generate(
     The initial noise of all images comes from one generator seeded with ``seed``, so deterministic solvers
     do not depend on ``batch_size``. A stateful denoiser (a composed one: path state, gates, weights) is
     ``reset()`` before each batch; if ``trajectories`` is a list, each batch's weight trajectory is appended.
-    ``clip``: clip x_0 predictions to [-1, 1] (default: what the codec says, ``codec.clip_x0``). ``in_chans``:
+    ``clip``: clip x_0 predictions to [-1, 1], or to [-r, r] for a number r (default: the codec's
+    ``x0_range``; None there: no clipping). ``in_chans``:
     the model's channels (default: the codec's).
     """
     if labels is None and n is None:
@@ -49,7 +50,7 @@ def generate(
     count = len(labels) if labels is not None else int(n)
     if not 1 <= count <= MAX_SAMPLES:
         raise ValueError(f"number of images must be in 1..{MAX_SAMPLES}, got {count}")
-    clip = bool(getattr(codec, "clip_x0", False)) if clip is None else clip
+    clip = (codec.x0_range or False) if clip is None else clip
     in_chans = codec.model_channels if in_chans is None else in_chans
     base = eps
     if guidance != 1.0:

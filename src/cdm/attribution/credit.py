@@ -95,7 +95,7 @@ def _timesteps(schedule: NoiseSchedule, steps: int) -> list[int]:
 def attribute(bank, x_T: torch.Tensor, *, schedule: NoiseSchedule, priors: Sequence[float] | None = None,
               weighting=None, steps: int = 25, probes: int = 2, exact: bool = False, seed: int = 0,
               cond: dict | None = None, abar_floor: float = 1e-3, clip: bool = False,
-              groups: Sequence[int] | torch.Tensor | None = None) -> dict:
+              groups: Sequence[int] | torch.Tensor | None = None, x0_range: float | None = 1.0) -> dict:
     """Generate from ``x_T`` along the probability-flow ODE of the composition of ``bank`` (a
     :class:`~cdm.composition.CompartmentBank` or any ``bank(x, t, index, **cond)``) and attribute each sample.
 
@@ -107,8 +107,9 @@ def attribute(bank, x_T: torch.Tensor, *, schedule: NoiseSchedule, priors: Seque
     ~ 2e-9) add nothing to the integrals: there the exact integrand is O(abar) while ``int beta dt`` over the
     step is ~14, so it would be the network's error at pure noise magnified, not information. The likelihood is
     hence ``log p_0(x_0) - log p_t1(x_t1)`` from the second step's time t1. On such a step the predicted x_0
-    is clipped to [-1, 1] (as the shipped DDIM sampler does on every step; ``clip=True`` does that too, at the
-    price of leaving the exact ODE).
+    is clipped to the data's box ``[-x0_range, x0_range]`` (pixels: [-1, 1], as the shipped DDIM sampler does on
+    every step; a latent backbone's codec records its range; None: no clipping); ``clip=True`` does that on every
+    step, at the price of leaving the exact ODE.
 
     ``groups`` maps each row of the bank (a mixture component) to the source it belongs to; the credits, the
     weights and the weight path are then per source (sums over its components: ``L`` and ``w`` are additive).
@@ -197,8 +198,8 @@ def attribute(bank, x_T: torch.Tensor, *, schedule: NoiseSchedule, priors: Seque
         vparts.append(t)
         eps_c = (w.unsqueeze(-1) * eps).sum(1).view_as(x).float()
         x0 = (x - sigma * eps_c) / float(a.sqrt())
-        if a < abar_floor or clip:  # at pure noise x0 = (x - eps)/sqrt(abar) magnifies the error ~1e4-fold
-            x0 = x0.clamp(-1, 1)
+        if (a < abar_floor or clip) and x0_range is not None:  # at pure noise x0 = (x - eps)/sqrt(abar)
+            x0 = x0.clamp(-x0_range, x0_range)  # magnifies the error ~1e4-fold
         x = (float(a_next.sqrt()) * x0 + float((1 - a_next).sqrt()) * eps_c).detach()
     if groups is not None:  # components -> sources
         L = torch.zeros(P, b, n_src, dtype=L.dtype).index_add_(2, group, L)

@@ -56,9 +56,9 @@ class PixelCodec:
         return ImageSpec(self.data_size, self.data_size, self.channels)
 
     @property
-    def clip_x0(self) -> bool:
-        """Pixels live in [-1, 1], so a solver may clip its x_0 prediction there (a latent codec would not)."""
-        return True
+    def x0_range(self) -> float:
+        """Model-space values lie in [-r, r] (pixels: r = 1), so a solver clips its x_0 prediction there."""
+        return 1.0
 
     def encode(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 (N, H, W) -> float (N, 1, m, m) in [-1, 1]; RGB: uint8 (N, H, W, 3) -> float (N, 3, m, m)."""

@@ -55,6 +55,7 @@ def attribute_samples(store: Store, backbone: Backbone, names: list[str], *, n: 
     m = backbone.codec.model_size
     noise = torch.randn((n, backbone.config.in_chans, m, m), generator=torch.Generator().manual_seed(seed))
     out = attribute(bank, noise, schedule=backbone.schedule, priors=row_priors, weighting=w,
+                    x0_range=backbone.codec.x0_range,
                     steps=steps, probes=probes, exact=exact, seed=seed)
     keep = ("credit", "credit_se", "weight_path", "loglik_change", "weights", "x0", "probes")
     return Attribution(images=backbone.codec.decode(torch.as_tensor(out["x0"])), names=list(names),

@@ -14,7 +14,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
@@ -24,7 +23,7 @@ from ..data import Source, concat_sources, license_of, load_npz
 from ..errors import CdmError
 from ..io import save_state_dict
 from ..store import Store, StoreError, check_source_name
-from ..training.compartment import check_source_fits, train_compartment
+from ..training.compartment import canonical_index, check_source_fits, train_compartment
 from ..training.record import TrainingRecord
 from .results import Added, Retrain, SamplesForgotten, SourceForgotten, StoredCompartment
 
@@ -99,7 +98,7 @@ def model_inputs(store: Store, backbone: Backbone, name: str, source: Source | N
         return None
     source = source if source is not None else source_data(store, name)
     path = store.latents_file(name, content_hash=source.content_hash, autoencoder_hash=codec.hash)
-    order = np.asarray(source._hash_order(), dtype=np.int64)  # cached rows are in content order
+    order = canonical_index(source)  # cached rows are in content order
     want = {"content_hash": source.content_hash, "autoencoder_hash": codec.hash, "n": str(len(source))}
     shape = (len(source), codec.model_channels, codec.model_size, codec.model_size)
     if path.is_file():

@@ -6,9 +6,9 @@ DPMSolverMultistepScheduler): they are well tested, and the loop around them is 
 pipelines are tied to its own model classes.
 
 Both solvers use "trailing" timestep spacing (the first step starts at t = T-1, where the cosine schedule is
-pure noise). With ``clip=True`` they clip the predicted x_0 to [-1, 1] with epsilon recomputed from the clipped
-x_0. That is a property of the data, not of the solver: it is off by default, and ``cdm.generation`` turns it
-on when the data's codec says so (pixel images live in [-1, 1]; latents or 2-D points do not).
+pure noise). With ``clip=True`` they clip the predicted x_0 to [-1, 1] (``clip=r``: to [-r, r]) with epsilon
+recomputed from the clipped x_0. That is a property of the data, not of the solver: it is off by default, and
+``cdm.generation`` sets it to the data's codec's ``x0_range`` (pixels: 1; latents: their recorded range).
 """
 
 from __future__ import annotations
@@ -28,21 +28,32 @@ class Denoiser(Protocol):
     def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor: ...
 
 
-def _ddim(schedule: NoiseSchedule, clip: bool):
+def _range(clip: bool | float) -> float:
+    return 1.0 if clip is True else float(clip or 1.0)
+
+
+def _ddim(schedule: NoiseSchedule, clip: bool | float):
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler(**schedule.scheduler_kwargs(), clip_sample=clip, clip_sample_range=1.0,
+    return DDIMScheduler(**schedule.scheduler_kwargs(), clip_sample=bool(clip), clip_sample_range=_range(clip),
                          set_alpha_to_one=True, timestep_spacing="trailing"), {"eta": 0.0,
                                                                                "use_clipped_model_output": True}
 
 
-def _dpmpp2m(schedule: NoiseSchedule, clip: bool):
+def _dpmpp2m(schedule: NoiseSchedule, clip: bool | float):
     from diffusers import DPMSolverMultistepScheduler
 
-    # thresholding with sample_max_value=1 clips x_0 to [-1, 1] (the dynamic quantile is clamped to [1, 1]).
-    return DPMSolverMultistepScheduler(**schedule.scheduler_kwargs(), algorithm_type="dpmsolver++", solver_order=2,
-                                       thresholding=clip, sample_max_value=1.0, timestep_spacing="trailing",
-                                       lower_order_final=True, final_sigmas_type="zero"), {}
+    class StaticThreshold(DPMSolverMultistepScheduler):
+        """diffusers' thresholding is dynamic (clip to the 99.5% quantile s in [1, r], then divide by s); cdm
+        clips x_0 to the data's box [-r, r] and keeps its scale. With r = 1 the two agree exactly."""
+
+        def _threshold_sample(self, sample: torch.Tensor) -> torch.Tensor:
+            r = self.config.sample_max_value
+            return sample.clamp(-r, r)
+
+    return StaticThreshold(**schedule.scheduler_kwargs(), algorithm_type="dpmsolver++", solver_order=2,
+                           thresholding=bool(clip), sample_max_value=_range(clip), timestep_spacing="trailing",
+                           lower_order_final=True, final_sigmas_type="zero"), {}
 
 
 class _Ancestral:
@@ -54,7 +65,7 @@ class _Ancestral:
     the root of a float32 rounding error below zero for some step counts (5 steps: NaN images). This step is
     the same formula with that term clamped at zero; otherwise it follows DDIMScheduler line for line."""
 
-    def __init__(self, schedule: NoiseSchedule, clip: bool):
+    def __init__(self, schedule: NoiseSchedule, clip: bool | float):
         self.inner, _ = _ddim(schedule, clip)
         self.clip = clip
 
@@ -73,7 +84,7 @@ class _Ancestral:
         a_p = sch.alphas_cumprod[prev] if prev >= 0 else sch.final_alpha_cumprod
         x0 = (x - (1 - a_t) ** 0.5 * e) / a_t**0.5
         if self.clip:
-            x0 = x0.clamp(-1.0, 1.0)
+            x0 = x0.clamp(-_range(self.clip), _range(self.clip))
             e = (x - a_t**0.5 * x0) / (1 - a_t) ** 0.5
         var = (1 - a_p) / (1 - a_t) * (1 - a_t / a_p)
         direction = (1 - a_p - var).clamp(min=0.0) ** 0.5 * e
@@ -86,7 +97,7 @@ class _Step:
         self.prev_sample = prev_sample
 
 
-def _ddpm(schedule: NoiseSchedule, clip: bool):
+def _ddpm(schedule: NoiseSchedule, clip: bool | float):
     return _Ancestral(schedule, clip), {}
 
 
@@ -133,7 +144,7 @@ def sample(
     solver: str = "ddim",
     steps: int = 50,
     cond: dict | None = None,
-    clip: bool = False,
+    clip: bool | float = False,
     bf16: bool = False,
     callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
     generator: torch.Generator | None = None,
@@ -141,8 +152,8 @@ def sample(
 ) -> torch.Tensor:
     """Integrate the reverse process from ``noise`` (x_T) to x_0 with ``steps`` denoiser evaluations.
 
-    ``clip``: clip the predicted x_0 to [-1, 1] at every step (right for pixel images only; the codec decides,
-    see :func:`cdm.generation.generate`). ``callback(i, t, x)`` is called after each step. ``bf16`` runs the
+    ``clip``: clip the predicted x_0 to [-1, 1] at every step (a number r: to [-r, r]; the codec decides, see
+    :func:`cdm.generation.generate`). ``callback(i, t, x)`` is called after each step. ``bf16`` runs the
     denoiser under bfloat16 autocast (the solver state stays float32). Stochastic solvers draw their per-step
     noise from ``generator``.
     """

@@ -26,13 +26,14 @@ from .record import TrainingRecord
 from .common import deterministic_algorithms, lr_at, progress_bar, step_generator
 from .loss import draw_noise, eps_loss, held_out_loss
 
-__all__ = ["TrainingRecord", "canonical_order", "check_source_fits", "model_space", "train_compartment",
-           "training_record"]
+__all__ = ["TrainingRecord", "canonical_index", "canonical_order", "check_source_fits", "model_space",
+           "train_compartment", "training_record"]
 
 _TAG = "cdm-compartment"
 
 
-def _canonical_index(source: Source) -> np.ndarray:
+def canonical_index(source: Source) -> np.ndarray:
+    """The row order of :func:`canonical_order`: by (sample hash, label), the order content hashes use."""
     labels = source.labels if source.labels is not None else np.zeros(len(source), dtype=np.int64)
     return np.asarray(sorted(range(len(source)), key=lambda i: (source.sample_hashes[i], int(labels[i]))),
                       dtype=np.int64)
@@ -40,14 +41,14 @@ def _canonical_index(source: Source) -> np.ndarray:
 
 def canonical_order(source: Source) -> Source:
     """The source with its samples sorted by (sample hash, label): training sees content, not order."""
-    return source.subset(_canonical_index(source), id=source.id)
+    return source.subset(canonical_index(source), id=source.id)
 
 
 def model_space(codec: Codec, source: Source, inputs: torch.Tensor | None = None) -> tuple[Source, torch.Tensor]:
     """``(source in canonical order, its rows in the codec's model space)``. ``inputs``: the source's rows already
     encoded (cached latents, ``operations.model_inputs``), in the source's own order; else ``codec`` encodes them.
     Encoding is per image, so both give the same tensor bit for bit."""
-    order = _canonical_index(source)
+    order = canonical_index(source)
     data = source.subset(order, id=source.id)
     if inputs is None:
         return data, codec.encode(data.images)

@@ -139,6 +139,8 @@ def _pretrain(cfg: PretrainConfig, out: str | Path, *, max_minutes: float | None
     codec = make_codec(cfg)
     schedule = NoiseSchedule(cfg.schedule)
     x_all = codec.encode(data.images)
+    if codec.kind == "latent":  # the box its samples are clipped to: 1.5x the largest latent seen
+        codec.x0_range = round(1.5 * float(x_all.abs().max()), 2)
     model_cfg = cfg.model_config(len(data.classes), in_chans=codec.model_channels)
     conditional = model_cfg.num_classes > 0
     y_all = torch.tensor(data.labels, dtype=torch.long) if conditional else None
