@@ -80,7 +80,8 @@ def main() -> None:
     del final["latent"]
 
     # 1. steps per second of each, alone, one thread; then both for the same wall time, side by side
-    rate, todo = {}, [m for m in modes if not (final[m] / "model.safetensors").exists()]
+    side = {"pixel": final["pixel"], "latent": final["latent-budget"]}  # the side-by-side runs by recipe
+    rate, todo = {}, [m for m in modes if not (side[m] / "model.safetensors").exists()]
     for m in modes:
         probe = args.runs / f"probe-{m}"
         if not (probe / "training.json").exists():
@@ -89,8 +90,7 @@ def main() -> None:
         rec = json.loads((probe / "training.json").read_text())
         rate[m] = rec["steps_done"] / rec["wall_seconds"]
         print(f"probe {m}: {rate[m]:.3f} steps/s", flush=True)
-    procs = [_pretrain(final[m if m == "pixel" else "latent-budget"], m, args.autoencoder,
-                       int(rate[m] * args.minutes * 60)) for m in todo]
+    procs = [_pretrain(side[m], m, args.autoencoder, int(rate[m] * args.minutes * 60)) for m in todo]
     for p in procs:
         if p.wait() != 0:
             sys.exit(f"pretraining failed: {p.args}")
