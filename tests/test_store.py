@@ -306,6 +306,9 @@ def test_forget_source_leaves_no_trace(tmp_path):
         (st.work_dir("alpha-next-91aa", sources=[alpha]) / "ckpt.bin").write_bytes(b"in training")
         (st.work_dir("beta-next-22bb", sources=[beta]) / "ckpt.bin").write_bytes(b"in training")
         a_raw = _tensors(11)["prompts"].numpy().tobytes()[:64]
+        st.samples_file(alpha, create=True).write_bytes(b"the samples of " + alpha.encode())
+        lat_raw = b"latent mode: cached latents of " + alpha.encode() + b" under an autoencoder"
+        st.latents_file(alpha, content_hash=a_content, autoencoder_hash="ae" * 32).write_bytes(lat_raw)
 
         out = st.forget_source(alpha, reason="owner withdrew consent", actor="dpo")
 
@@ -313,7 +316,7 @@ def test_forget_source_leaves_no_trace(tmp_path):
         assert out["removed"] == sorted([a_cmp, joint, router])
         assert out["retrain"] == [{"cid": joint, "kind": "paragon", "sources": [beta]},
                                   {"cid": router, "kind": "router", "sources": [beta]}]
-        assert out["work_removed"] == sorted([a_cmp, "alpha-next-91aa"])
+        assert out["work_removed"] == sorted([a_cmp, "alpha-next-91aa", f"data.{alpha}"])  # samples, latents
         assert [s["id"] for s in st.sources()] == [beta]
         assert [r["cid"] for r in st.compartments()] == [b_cmp]
         assert st.verify() == []
@@ -333,7 +336,7 @@ def test_forget_source_leaves_no_trace(tmp_path):
 
         # scan the store while it is still open, right after forgetting
         needles = [alpha, a_cmp, joint, router, a_content, *removed_hashes]
-        _assert_no_trace(st.path, needles, raw_needles=[a_raw])
+        _assert_no_trace(st.path, needles, raw_needles=[a_raw, lat_raw])
         # the audit rows are where they survive (checked through SQL), minus any data-derived content
         audit = st.audit_log()
         assert any(r["target"] == alpha for r in audit) and any(r["target"] == a_cmp for r in audit)
