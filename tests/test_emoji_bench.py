@@ -191,7 +191,7 @@ def test_emoji_bench_toy_writes_every_result(tiny_emoji, tmp_path):
 
 
 def test_emoji_bench_refuses_a_digit_backbone(tmp_path, tiny_emoji):
-    with pytest.raises(ValueError, match="32x32 RGB backbone"):
+    with pytest.raises(ValueError, match="backbone of 32x32 RGB images"):
         run_emoji_bench("toy", tmp_path / "b", backbone="shipped:backbone", judge=tiny_emoji / "judge")
     with pytest.raises(ValueError, match="not an emoji judge"):
         run_emoji_bench("toy", tmp_path / "b", backbone=tiny_emoji / "bb", judge="shipped:classifier")
