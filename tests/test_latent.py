@@ -110,8 +110,8 @@ def test_a_latent_backbone_is_bound_to_its_autoencoder(latent, tmp_path):
         Backbone.from_pretrained(latent / "bb", autoencoder=tmp_path / "other")
     swapped = Backbone(bb.net, codec=LatentCodec(other, data_size=28, channels=1))
     assert swapped.hash != bb.hash
-    images = source_images = public_protected()[0].images[:3]
-    z = bb.codec.encode(source_images)
+    images = public_protected()[0].images[:3]
+    z = bb.codec.encode(images)
     assert z.shape == (3, 4, 14, 14) and bb.codec.decode(z).shape == images.shape
 
 

@@ -18,7 +18,8 @@ PREFIX = "shipped:"
 
 
 def names() -> list[str]:
-    """The shipped bundles (``backbone``, ``backbone-emoji``, ``backbone-glyphs``, ``classifier``, ``judge-emoji``)."""
+    """The shipped bundles (``autoencoder-emoji``, ``backbone``, ``backbone-emoji``, ``backbone-emoji-latent``,
+    ``backbone-glyphs``, ``classifier``, ``judge-emoji``)."""
     return sorted(p.name for p in WEIGHTS_DIR.iterdir() if (p / "config.json").is_file()) if WEIGHTS_DIR.is_dir() \
         else []
 

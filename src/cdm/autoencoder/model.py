@@ -26,6 +26,7 @@ import os
 from functools import cached_property
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..errors import WeightsError
@@ -140,6 +141,20 @@ class Autoencoder:
                for i in range(0, len(z), batch)]
         return (torch.cat(out) if out else z.new_zeros((0, self.channels, z.shape[2] * self.factor,
                                                         z.shape[3] * self.factor))).to(home)
+
+    # -- stored images (uint8) <-> latents ---------------------------------------------------------------
+    def encode_images(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 images, (N, H, W) grey (fed as that many equal channels) or (N, H, W, C) -> scaled latents."""
+        x = images if torch.is_tensor(images) else torch.from_numpy(np.array(images, copy=True))
+        x = x.float() / 127.5 - 1.0
+        x = x.unsqueeze(1).expand(-1, self.channels, -1, -1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+        return self.encode(x)
+
+    def decode_images(self, z: torch.Tensor, *, grey: bool) -> np.ndarray:
+        """Scaled latents -> uint8 images: (N, H, W) grey (the mean of the channels) or (N, H, W, C)."""
+        x = self.decode(z.detach().float()).cpu()
+        x = x.mean(1) if grey else x.permute(0, 2, 3, 1).contiguous()
+        return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
 
     # -- persistence --------------------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path, record: dict | None = None) -> None:

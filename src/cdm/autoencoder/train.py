@@ -32,7 +32,7 @@ from ..provenance import git_commit, machine_info
 from .model import Autoencoder, small_autoencoder
 
 __all__ = ["AutoencoderTrainConfig", "psnr", "psnr_report", "public_autoencoder_set", "reconstruct",
-           "train_autoencoder", "to_rgb"]
+           "train_autoencoder"]
 
 
 @dataclass(frozen=True)
@@ -51,11 +51,6 @@ class AutoencoderTrainConfig:
         d = asdict(self)
         d["widths"] = list(self.widths)
         return d
-
-
-def to_rgb(images: np.ndarray) -> np.ndarray:
-    """uint8 (N, H, W) grey or (N, H, W, 3) -> (N, H, W, 3)."""
-    return images if images.ndim == 4 else np.repeat(images[..., None], 3, axis=-1)
 
 
 def _colour(grey: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -105,11 +100,9 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def reconstruct(ae: Autoencoder, images: np.ndarray) -> np.ndarray:
-    """uint8 images (grey or RGB) through the autoencoder and back, in their own format."""
-    x = torch.from_numpy(np.array(to_rgb(images))).float().permute(0, 3, 1, 2) / 127.5 - 1.0
-    y = ae.decode(ae.encode(x)).clamp(-1, 1)
-    y = ((y + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return y if images.ndim == 4 else np.round(y.astype(np.float32).mean(-1)).astype(np.uint8)
+    """uint8 images (grey or RGB) through the autoencoder and back, in their own format: what latent mode's codec
+    does to them."""
+    return ae.decode_images(ae.encode_images(images), grey=images.ndim == 3)
 
 
 def psnr_report(ae: Autoencoder) -> dict[str, float]:

@@ -103,21 +103,14 @@ class LatentCodec:
         except ValueError as e:
             raise WeightsError(f"latent codec: {e}") from None
 
-    def _check(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
-        x = torch.as_tensor(np.array(images, copy=True))
+    def encode(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 images -> scaled latents (N, model_channels, m, m), one image at a time."""
+        x = images if torch.is_tensor(images) else torch.from_numpy(np.array(images, copy=True))
         shape = self.spec.shape
         if x.dtype != torch.uint8 or tuple(x.shape[1:]) != shape:
             raise DataError(f"expected uint8 images (N, {', '.join(map(str, shape))}), got {x.dtype} {tuple(x.shape)}")
-        x = x.float() / 127.5 - 1.0
-        x = x.unsqueeze(1) if self.channels == 1 else x.permute(0, 3, 1, 2)
-        return x.expand(-1, self.autoencoder.channels, -1, -1) if self.channels == 1 else x
-
-    def encode(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """uint8 images -> scaled latents (N, model_channels, m, m), one image at a time."""
-        return self.autoencoder.encode(self._check(images))
+        return self.autoencoder.encode_images(x)
 
     def decode(self, z: torch.Tensor) -> np.ndarray:
         """Latents -> uint8 images in the stored format."""
-        x = self.autoencoder.decode(z.detach().float()).cpu()
-        x = x.mean(1) if self.channels == 1 else x.permute(0, 2, 3, 1).contiguous()
-        return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+        return self.autoencoder.decode_images(z, grey=self.channels == 1)

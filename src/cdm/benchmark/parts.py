@@ -213,7 +213,7 @@ def attribution(bench: Bench) -> dict:
         with st:
             bank = ops.class_mixture_bank(st, bench.bb, names)
         parts = [attribute(bank, noise[s:s + 50], schedule=bench.bb.schedule, priors=bank.priors(),
-                           steps=bench.p.sample_steps, probes=2, seed=s)
+                           steps=bench.p.sample_steps, probes=2, seed=s, x0_range=bench.bb.codec.x0_range)
                  for s in range(0, len(noise), 50)]
         credit = np.concatenate([p["credit"] for p in parts])
         path = np.concatenate([p["weight_path"] for p in parts])

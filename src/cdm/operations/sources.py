@@ -93,9 +93,9 @@ def model_inputs(store: Store, backbone: Backbone, name: str, source: Source | N
     from the store's cache (``Store.latents_file``) or encoded once and cached. None for a pixel backbone (pixels
     are pooled on the fly: nothing worth caching). A cache file that does not match (content, autoencoder, row
     count, shape) is recomputed: encoding is per image, so a cached latent equals a fresh one bit for bit."""
-    codec = backbone.codec
-    if codec.hash is None:
+    if not backbone.latent:
         return None
+    codec = backbone.codec
     source = source if source is not None else source_data(store, name)
     path = store.latents_file(name, content_hash=source.content_hash, autoencoder_hash=codec.hash)
     order = canonical_index(source)  # cached rows are in content order

@@ -627,7 +627,7 @@ class Store:
             with self._tx() as db:
                 db.execute("UPDATE sources SET content_hash = ?, n = ? WHERE id = ?", (content_hash, n, source_id))
                 self._audit(db, actor, "update-source", source_id, {"n_before": old["n"], "n_after": n})
-            folder = self._wdir / f"{_RESERVED_PREFIXES[0]}{source_id}"
+            folder = self._wdir / self._data_folder(source_id)
             for f in sorted(folder.glob(LATENTS_PREFIX + "*")) if folder.is_dir() else ():
                 f.unlink()  # latents of the old content: they hold the forgotten samples
             if folder.is_dir():
@@ -909,11 +909,15 @@ class Store:
         of that source so forgetting it deletes them. ``create``: make the folder (the source must exist); the
         caller writes the file atomically. Nothing outside the store spells this layout."""
         _check_source_id(source_id)
-        folder = f"{_RESERVED_PREFIXES[0]}{source_id}"
         if create:
-            return self.work_dir(folder, sources=[source_id]) / SAMPLES_NAME
+            return self.work_dir(self._data_folder(source_id), sources=[source_id]) / SAMPLES_NAME
         self._require_source(source_id)
-        return self._wdir / folder / SAMPLES_NAME
+        return self._wdir / self._data_folder(source_id) / SAMPLES_NAME
+
+    @staticmethod
+    def _data_folder(source_id: str) -> str:
+        """The work folder of a source's own data: its samples and cached latents."""
+        return f"{_RESERVED_PREFIXES[0]}{source_id}"
 
     def latents_file(self, source_id: str, *, content_hash: str, autoencoder_hash: str) -> Path:
         """Where a source's cached latents under one autoencoder live: beside its samples, named by the source's
