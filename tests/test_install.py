@@ -38,7 +38,7 @@ def test_an_installed_wheel_samples_from_another_directory(tmp_path):
         assert f["images"].shape == (2, 28, 28) and f["labels"].tolist() == [3, 4]
     shipped = sorted(p.name for p in (site / "cdm" / "weights").iterdir())
     assert shipped == ["autoencoder-emoji", "backbone", "backbone-emoji", "backbone-emoji-latent", "backbone-glyphs",
-                       "classifier", "judge-emoji"]
+                       "classifier", "judge-emoji", "judge-emoji-subcategory"]
     assert (site / "cdm" / "data" / "emoji" / "twemoji.npz").is_file()
     # the shipped latent backbone finds its shipped autoencoder inside the installed package
     code = (f"import sys; sys.path.insert(0, {str(site)!r}); from cdm.backbone import Backbone; "

@@ -19,7 +19,7 @@ PREFIX = "shipped:"
 
 def names() -> list[str]:
     """The shipped bundles (``autoencoder-emoji``, ``backbone``, ``backbone-emoji``, ``backbone-emoji-latent``,
-    ``backbone-glyphs``, ``classifier``, ``judge-emoji``)."""
+    ``backbone-glyphs``, ``classifier``, ``judge-emoji``, ``judge-emoji-subcategory``)."""
     return sorted(p.name for p in WEIGHTS_DIR.iterdir() if (p / "config.json").is_file()) if WEIGHTS_DIR.is_dir() \
         else []
 

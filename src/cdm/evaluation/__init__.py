@@ -14,7 +14,7 @@ from .classifier import (
     to_input,
     train_classifier,
 )
-from .metrics import FeatureExtractor, FIDScorer, classify, fid, judge, score_samples, source_probs
+from .metrics import FeatureExtractor, FIDScorer, class_probs, classify, fid, judge, score_samples, source_probs
 
 __all__ = [
     "CLASSIFIER_KIND",
@@ -25,6 +25,7 @@ __all__ = [
     "FIDScorer",
     "FeatureExtractor",
     "check_images",
+    "class_probs",
     "classify",
     "down_up",
     "fid",

@@ -21,7 +21,7 @@ from torch import nn
 from ..errors import DataError
 from .classifier import ImageClassifier
 
-__all__ = ["FIDScorer", "FeatureExtractor", "classify", "fid", "judge", "score_samples", "source_probs"]
+__all__ = ["FIDScorer", "FeatureExtractor", "class_probs", "classify", "fid", "judge", "score_samples", "source_probs"]
 
 
 def _batches(n: int, batch_size: int):
@@ -58,9 +58,18 @@ def classify(model: ImageClassifier, images_uint8: Any, batch_size: int = 500
     return torch.cat(preds).numpy().astype(np.int64), torch.cat(probs).numpy(), torch.cat(feats).numpy()
 
 
-@torch.no_grad()
 def source_probs(model: ImageClassifier, images_uint8: Any, batch_size: int = 500) -> np.ndarray:
     """The source head's probabilities ``(N, num_sources)`` for uint8 images (e.g. which artist drew each)."""
+    return _head_probs(model, images_uint8, model.source_logits, batch_size)
+
+
+def class_probs(model: ImageClassifier, images_uint8: Any, batch_size: int = 500) -> np.ndarray:
+    """The class head's probabilities ``(N, num_classes)`` for uint8 images."""
+    return _head_probs(model, images_uint8, model.head, batch_size)
+
+
+@torch.no_grad()
+def _head_probs(model: ImageClassifier, images_uint8: Any, head, batch_size: int) -> np.ndarray:
     images = model.check(images_uint8)
     was_training = model.training
     model.eval()
@@ -69,10 +78,10 @@ def source_probs(model: ImageClassifier, images_uint8: Any, batch_size: int = 50
     try:
         for sl in _batches(images.shape[0], batch_size):
             f = model.features(model.to_input(images[sl]).to(device))
-            out.append(torch.softmax(model.source_logits(f).float(), dim=1).cpu())
+            out.append(torch.softmax(head(f).float(), dim=1).cpu())
     finally:
         model.train(was_training)
-    return torch.cat(out).numpy()
+    return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
 
 def judge(model: ImageClassifier, images: Any, requested_labels: Any, batch_size: int = 500) -> dict[str, float | int]:
