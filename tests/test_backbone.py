@@ -1,14 +1,13 @@
 """The U-ViT: baofff/U-ViT state-dict compatibility (names, shapes, outputs), deep prompts, I/O errors."""
 
-import math
 import pickle
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from cdm.backbone import Backbone, UViT, UViTConfig, patchify, unpatchify
 from cdm.errors import WeightsError
+from uvit_reference import ref_image, ref_patches, ref_time, ref_trunk
 
 # cifar10_uvit_small (img 32, patch 2, dim 512, depth 12, 8 heads, unconditional) and a small
 # class-conditional one with an MLP time embedding (ImageNet-style null class = last row).
@@ -50,56 +49,14 @@ def reference_keys(c: UViTConfig) -> dict[str, tuple[int, ...]]:
 
 
 def reference_forward(sd: dict, c: UViTConfig, x, t, y=None):
-    """An independent functional forward following the reference code step by step (explicit softmax
-    attention, explicit (p1 p2 C) patch order), used to check that equal weights give equal outputs."""
-    d, p, C, H = c.embed_dim, c.patch_size, c.in_chans, c.num_heads
-    B = x.shape[0]
-    tok = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=p).flatten(2).transpose(1, 2)
-    half = d // 2
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
-    args = t[:, None].float() * freqs[None]
-    temb = torch.cat([torch.cos(args), torch.sin(args)], -1)
-    if c.mlp_time_embed:
-        temb = F.linear(F.silu(F.linear(temb, sd["time_embed.0.weight"], sd["time_embed.0.bias"])),
-                        sd["time_embed.2.weight"], sd["time_embed.2.bias"])
-    seq = [temb[:, None], tok]
+    """An independent functional forward following the reference code step by step (tests/uvit_reference.py:
+    explicit softmax attention, explicit (p1 p2 C) patch order), used to check that equal weights give equal
+    outputs."""
+    seq = [ref_time(sd, t, c.embed_dim, c.mlp_time_embed)[:, None], ref_patches(sd, x, c.patch_size)]
     if y is not None:
         seq.insert(0, sd["label_emb.weight"][y][:, None])
-    h = torch.cat(seq, 1) + sd["pos_embed"]
-
-    def blk(prefix, h, skip=None):
-        if skip is not None:
-            h = F.linear(torch.cat([h, skip], -1), sd[f"{prefix}.skip_linear.weight"], sd[f"{prefix}.skip_linear.bias"])
-        a = F.layer_norm(h, (d,), sd[f"{prefix}.norm1.weight"], sd[f"{prefix}.norm1.bias"])
-        qkv = F.linear(a, sd[f"{prefix}.attn.qkv.weight"]).reshape(B, -1, 3, H, d // H)
-        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
-        att = ((q @ k.transpose(-2, -1)) * (d // H) ** -0.5).softmax(-1)
-        a = (att @ v).transpose(1, 2).reshape(B, -1, d)
-        h = h + F.linear(a, sd[f"{prefix}.attn.proj.weight"], sd[f"{prefix}.attn.proj.bias"])
-        m = F.layer_norm(h, (d,), sd[f"{prefix}.norm2.weight"], sd[f"{prefix}.norm2.bias"])
-        m = F.linear(F.gelu(F.linear(m, sd[f"{prefix}.mlp.fc1.weight"], sd[f"{prefix}.mlp.fc1.bias"])),
-                     sd[f"{prefix}.mlp.fc2.weight"], sd[f"{prefix}.mlp.fc2.bias"])
-        return h + m
-
-    skips = []
-    for i in range(c.depth // 2):
-        h = blk(f"in_blocks.{i}", h)
-        skips.append(h)
-    h = blk("mid_block", h)
-    for i in range(c.depth // 2):
-        h = blk(f"out_blocks.{i}", h, skips.pop())
-    h = F.layer_norm(h, (d,), sd["norm.weight"], sd["norm.bias"])
-    h = F.linear(h, sd["decoder_pred.weight"], sd["decoder_pred.bias"])[:, (2 if y is not None else 1):]
-    g = c.img_size // p
-    img = torch.zeros(B, C, c.img_size, c.img_size)
-    for r in range(g):
-        for col in range(g):
-            patch = h[:, r * g + col]
-            for p1 in range(p):
-                for p2 in range(p):
-                    for ch in range(C):
-                        img[:, ch, r * p + p1, col * p + p2] = patch[:, (p1 * p + p2) * C + ch]
-    return F.conv2d(img, sd["final_layer.weight"], sd["final_layer.bias"], padding=1)
+    h = ref_trunk(sd, torch.cat(seq, 1) + sd["pos_embed"], c.depth, c.embed_dim, c.num_heads)
+    return ref_image(sd, h[:, (2 if y is not None else 1):], c.img_size, c.patch_size, c.in_chans)
 
 
 @pytest.mark.parametrize("config", [CIFAR10_SMALL, SMALL_COND], ids=["cifar10_uvit_small", "small_cond"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -133,8 +134,11 @@ def test_sample_hashes_are_image_bytes_only(small: Source) -> None:
 def test_content_hash_order_invariant(small: Source) -> None:
     assert _shuffled(small).content_hash == small.content_hash
     assert small.subset(np.arange(len(small) - 1), "x").content_hash != small.content_hash
-    hashes = sorted(zip(small.sample_hashes, small.labels.tolist(), strict=True))
-    text = "\n".join(h for h, _ in hashes) + "\n" + ",".join(str(y) for _, y in hashes)
+    rows = sorted(zip(small.sample_hashes, small.labels.tolist(), small.captions, strict=True))
+    text = "\n".join(h for h, _, _ in rows) + "\n" + ",".join(str(y) for _, y, _ in rows)
+    assert Source("p", small.images, small.labels, small.classes).content_hash == hashlib.sha256(
+        text.encode()).hexdigest()  # without captions: hashes and labels
+    text += "\n" + json.dumps([c for _, _, c in rows], ensure_ascii=False)
     assert small.content_hash == hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -146,6 +150,7 @@ def test_describe_and_counts(small: Source) -> None:
         "content_hash": small.content_hash,
         "classes": list("0123456789"),
         "counts": {str(c): 30 for c in range(10)},
+        "captioned": True,
     }
     assert Source("u", small.images).class_counts() == {}
 

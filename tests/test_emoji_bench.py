@@ -201,15 +201,17 @@ def test_emoji_bench_refuses_a_digit_backbone(tmp_path, tiny_emoji):
 def test_emoji_demo_cli(tiny_emoji, tmp_path):
     res = CliRunner().invoke(app, ["demo", "--dataset", "emoji", "--out", str(tmp_path / "demo"), "--backbone",
                                    str(tiny_emoji / "bb"), "--classifier", str(tiny_emoji / "judge"), "--steps", "2",
-                                   "--per-class", "1"])
+                                   "--per-class", "1", "--text"])
     assert res.exit_code == 0, res.output
     out = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert set(out["compartments"]) == set(PROTECTED)
+    assert len(out["text"]["prompts"]) == 6 and set(out["text"]) >= {"ito", "naive"}
     assert out["key"]["may_use"] == ["emojione", "openmoji", "twemoji"]  # every CC-BY* licence, not MIT
     assert out["forget"]["key_may_use_after"] == ["openmoji", "twemoji"]
     assert out["forget"]["remaining"] == ["fluent", "openmoji", "twemoji"] and not out["forget"]["store_problems"]
     report = (tmp_path / "demo" / "report.md").read_text()
     assert "emoji by five artists" in report and (tmp_path / "demo" / "composed-naive.png").exists()
+    assert "Captions in, images out" in report and (tmp_path / "demo" / "text-ito.png").exists()
     assert EMOJI_CATEGORIES[0] in report
 
 

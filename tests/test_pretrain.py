@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cdm.backbone import Backbone
-from cdm.data import public_protected
+from cdm.data import Source, public_protected
 from cdm.errors import TrainingError
 from cdm.training import PretrainConfig, pretrain, public_training_set
 
@@ -55,7 +55,11 @@ def test_shipped_backbones_were_trained_on_public_data_only(name):
     _, protected = public_protected()
     cfg = PretrainConfig.from_dict(record["config"])
     assert not set(record["data"]["sample_hashes"]) & set(protected.sample_hashes)
-    assert record["data"]["content_hash"] == public_training_set(cfg).content_hash
+    data = public_training_set(cfg)
+    # records written before captions were part of a source's content (issue 19) hash images and labels only;
+    # pretraining reads no captions, so both name the same training data
+    assert record["data"]["content_hash"] in {data.content_hash,
+                                              Source(data.id, data.images, data.labels, data.classes).content_hash}
     assert record["finished"] and record["steps_done"] == cfg.steps
 
 

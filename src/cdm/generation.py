@@ -25,6 +25,8 @@ def generate(
     labels: np.ndarray | None = None,
     n: int | None = None,
     null_class: int | None = None,
+    text: torch.Tensor | None = None,
+    null_text: torch.Tensor | None = None,
     guidance: float = 1.0,
     solver: str = "ddim",
     steps: int = 50,
@@ -36,7 +38,9 @@ def generate(
     trajectories: list | None = None,
     clip: bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Draw images. Class-conditional when ``labels`` is given (one image per label), else ``n`` images.
+    """Draw images. Class-conditional when ``labels`` is given (one image per label), text-conditioned when
+    ``text`` (N, dim) caption embeddings are (one image per row; ``null_text`` (dim,), the empty caption's, is
+    guidance's unconditional branch), else ``n`` unconditional images.
 
     The initial noise of all images comes from one generator seeded with ``seed``, so deterministic solvers
     do not depend on ``batch_size``. A stateful denoiser (a composed one: path state, gates, weights) is
@@ -45,18 +49,23 @@ def generate(
     ``x0_range``; None there: no clipping). ``in_chans``:
     the model's channels (default: the codec's).
     """
-    if labels is None and n is None:
-        raise ValueError("give labels (class-conditional) or n (unconditional)")
-    count = len(labels) if labels is not None else int(n)
+    if sum(v is not None for v in (labels, n, text)) != 1:
+        raise ValueError("give exactly one of labels (class-conditional), text (captions) or n (unconditional)")
+    count = len(labels) if labels is not None else len(text) if text is not None else int(n)
     if not 1 <= count <= MAX_SAMPLES:
         raise ValueError(f"number of images must be in 1..{MAX_SAMPLES}, got {count}")
     clip = (codec.x0_range or False) if clip is None else clip
     in_chans = codec.model_channels if in_chans is None else in_chans
     base = eps
     if guidance != 1.0:
-        if labels is None or null_class is None:
+        if text is not None:
+            if null_text is None:
+                raise ValueError("classifier-free guidance on captions needs the empty caption's embedding")
+            eps = classifier_free_guidance(eps, guidance, {"text": null_text})
+        elif labels is None or null_class is None:
             raise ValueError("classifier-free guidance needs labels and a null class")
-        eps = classifier_free_guidance(eps, guidance, {"y": null_class})
+        else:
+            eps = classifier_free_guidance(eps, guidance, {"y": null_class})
     step_noise = torch.Generator().manual_seed(seed + 1)  # for stochastic solvers
     m = codec.model_size
     noise = torch.randn((count, in_chans, m, m), generator=torch.Generator().manual_seed(seed))
@@ -69,6 +78,8 @@ def generate(
         chunks = track(chunks, description=f"sampling {count} images")
     for s in chunks:
         cond = {} if y_all is None else {"y": y_all[s:s + batch_size]}
+        if text is not None:
+            cond["text"] = text[s:s + batch_size]
         if hasattr(base, "reset"):
             base.reset()
         x = sample(eps, noise[s:s + batch_size], schedule=schedule, solver=solver, steps=steps, cond=cond, bf16=bf16,

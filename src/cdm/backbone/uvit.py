@@ -17,6 +17,10 @@ attend to the prompts in a separate softmax whose output is added, scaled per he
 gated attention of LLaMA-Adapter, Zhang et al., 2023). With the gate at zero the network is exactly the plain
 U-ViT, so a compartment starts from the backbone instead of from a random perturbation of it; the prompt
 tokens skip the MLP (their outputs are thrown away in both forms).
+
+Parallel adapters (``adapters = (down, up)``, ``(B or 1, n_blocks, D, r)`` and ``(B or 1, n_blocks, r, D)``):
+block ``k`` adds ``gelu(h @ down[k]) @ up[k]`` beside its MLP (``h`` the MLP's normalised input), in the same
+block order as prompts; with ``up`` at zero the network is exactly the plain U-ViT.
 """
 
 from __future__ import annotations
@@ -31,11 +35,31 @@ from torch import nn
 
 from ..io import config_from_dict
 
-__all__ = ["UViT", "UViTConfig", "patchify", "timestep_embedding", "unpatchify"]
+__all__ = ["Geometry", "UViT", "UViTConfig", "build_trunk", "check_prompts", "patchify", "reference_init",
+           "run_blocks", "timestep_embedding", "unpatchify"]
+
+
+class Geometry:
+    """What every U-ViT config shares (fields img_size, patch_size, embed_dim, num_heads, depth): the block and
+    patch counts, and the checks of those fields."""
+
+    def _check_geometry(self) -> None:
+        if self.img_size % self.patch_size:
+            raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not a multiple of num_heads {self.num_heads}")
+
+    @property
+    def n_blocks(self) -> int:
+        return 2 * (self.depth // 2) + 1
+
+    @property
+    def num_patches(self) -> int:
+        return (self.img_size // self.patch_size) ** 2
 
 
 @dataclass(frozen=True)
-class UViTConfig:
+class UViTConfig(Geometry):
     img_size: int = 14  # side of the (square) model-space image
     patch_size: int = 2  # side of a patch; img_size must be a multiple
     in_chans: int = 1  # image channels
@@ -54,20 +78,9 @@ class UViTConfig:
     def __post_init__(self) -> None:
         if self.num_classes <= 0 and self.null_class is not None:  # an unconditional U-ViT has no label rows
             object.__setattr__(self, "null_class", None)
-        if self.img_size % self.patch_size:
-            raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
-        if self.embed_dim % self.num_heads:
-            raise ValueError(f"embed_dim {self.embed_dim} is not a multiple of num_heads {self.num_heads}")
+        self._check_geometry()
         if self.null_class is not None and not 0 <= self.null_class < self.num_classes:
             raise ValueError(f"null_class {self.null_class} outside 0..{self.num_classes - 1}")
-
-    @property
-    def n_blocks(self) -> int:
-        return 2 * (self.depth // 2) + 1
-
-    @property
-    def num_patches(self) -> int:
-        return (self.img_size // self.patch_size) ** 2
 
     @property
     def extras(self) -> int:
@@ -160,20 +173,28 @@ class Block(nn.Module):
         self.skip_linear = nn.Linear(2 * dim, dim) if skip else None
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None, prompt: torch.Tensor | None = None,
-                gate: torch.Tensor | None = None) -> torch.Tensor:
+                gate: torch.Tensor | None = None, adapter: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> torch.Tensor:
         if self.skip_linear is not None:
             x = self.skip_linear(torch.cat([x, skip], dim=-1))
         if prompt is not None and gate is not None:  # gated prompts: image tokens read them through a gated branch
             context = self.norm1(prompt.to(x.dtype).expand(x.shape[0], -1, -1))
             x = x + self.attn(self.norm1(x), context, gate.expand(x.shape[0], -1))
-            return x + self.mlp(self.norm2(x))
+            return x + self._ffn(x, adapter)
         if prompt is not None:
             x = torch.cat([prompt.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)
         x = x + self.attn(self.norm1(x))
-        x = x + self.mlp(self.norm2(x))
+        x = x + self._ffn(x, adapter)
         if prompt is not None:
             x = x[:, prompt.shape[1]:]
         return x
+
+    def _ffn(self, x: torch.Tensor, adapter: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        h = self.norm2(x)
+        if adapter is None:
+            return self.mlp(h)
+        down, up = (a.to(h.dtype) for a in adapter)
+        return self.mlp(h) + torch.matmul(F.gelu(torch.matmul(h, down)), up)
 
 
 class PatchEmbed(nn.Module):
@@ -199,6 +220,69 @@ def _sincos_2d(dim: int, grid: int) -> torch.Tensor:
     return F.pad(table, (0, dim - table.shape[1])).float()
 
 
+def build_trunk(net: nn.Module, c: Geometry) -> None:
+    """The blocks, final norm, decoder and final conv of a U-ViT (the reference's names, in its order)."""
+    d = c.embed_dim
+    blk = dict(dim=d, num_heads=c.num_heads, mlp_ratio=c.mlp_ratio, qkv_bias=c.qkv_bias)
+    net.in_blocks = nn.ModuleList([Block(**blk) for _ in range(c.depth // 2)])
+    net.mid_block = Block(**blk)
+    net.out_blocks = nn.ModuleList([Block(**blk, skip=c.skip) for _ in range(c.depth // 2)])
+    net.norm = nn.LayerNorm(d)
+    net.decoder_pred = nn.Linear(d, c.patch_size**2 * c.in_chans)
+    net.final_layer = nn.Conv2d(c.in_chans, c.in_chans, 3, padding=1) if c.conv else nn.Identity()
+
+
+def reference_init(net: nn.Module) -> None:
+    """The reference's initialisation: truncated-normal linear weights (std 0.02), zero biases, unit norms."""
+    for m in net.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def check_prompts(c: Geometry, b: int, prompts: torch.Tensor | None, prompt_gate: torch.Tensor | None,
+                  adapters: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """Shape checks of the per-block inputs (deep prompts, gates, adapters) for a batch of ``b``."""
+    if prompts is not None and (prompts.ndim != 4 or prompts.shape[1] != c.n_blocks
+                                or prompts.shape[3] != c.embed_dim or prompts.shape[0] not in (1, b)):
+        raise ValueError(f"prompts must be (B or 1, {c.n_blocks}, P, {c.embed_dim}), got {tuple(prompts.shape)}")
+    if prompt_gate is not None and (prompts is None or prompt_gate.shape[1:] != (c.n_blocks, c.num_heads)
+                                    or prompt_gate.shape[0] not in (1, b)):
+        raise ValueError(f"prompt_gate must be (B or 1, {c.n_blocks}, {c.num_heads}) and come with prompts")
+    if adapters is not None:
+        down, up = adapters
+        if (down.ndim != 4 or down.shape[1:3] != (c.n_blocks, c.embed_dim) or up.ndim != 4
+                or up.shape[1:] != (c.n_blocks, down.shape[3], c.embed_dim) or down.shape[0] not in (1, b)
+                or up.shape[0] != down.shape[0]):
+            raise ValueError(f"adapters must be (B or 1, {c.n_blocks}, {c.embed_dim}, r) and "
+                             f"(B or 1, {c.n_blocks}, r, {c.embed_dim})")
+
+
+def run_blocks(net: nn.Module, h: torch.Tensor, prompts: torch.Tensor | None = None,
+               prompt_gate: torch.Tensor | None = None, adapters: tuple[torch.Tensor, torch.Tensor] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The U-shaped pass over ``net``'s in-, mid- and out-blocks (long skips), block ``k`` getting its prompts,
+    gates and adapters; returns ``(tokens after the last block, tokens after the mid block)``."""
+    def per_block(i: int) -> dict:
+        out = {} if adapters is None else {"adapter": (adapters[0][:, i], adapters[1][:, i])}
+        if prompts is not None:
+            out.update(prompt=prompts[:, i], gate=None if prompt_gate is None else prompt_gate[:, i])
+        return out
+
+    half, skips = len(net.in_blocks), []
+    for i, blk in enumerate(net.in_blocks):
+        h = blk(h, **per_block(i))
+        skips.append(h)
+    h = mid = net.mid_block(h, **per_block(half))
+    for i, blk in enumerate(net.out_blocks):
+        h = blk(h, skips.pop(), **per_block(half + 1 + i))
+    return h, mid
+
+
 class UViT(nn.Module):
     """The U-ViT noise-prediction network: ``forward(x, timesteps, y=None, prompts=None) -> eps``.
 
@@ -220,24 +304,11 @@ class UViT(nn.Module):
         if c.num_classes > 0:
             self.label_emb = nn.Embedding(c.num_classes, d)
         self.pos_embed = nn.Parameter(torch.zeros(1, c.extras + c.num_patches, d))
-        blk = dict(dim=d, num_heads=c.num_heads, mlp_ratio=c.mlp_ratio, qkv_bias=c.qkv_bias)
-        self.in_blocks = nn.ModuleList([Block(**blk) for _ in range(c.depth // 2)])
-        self.mid_block = Block(**blk)
-        self.out_blocks = nn.ModuleList([Block(**blk, skip=c.skip) for _ in range(c.depth // 2)])
-        self.norm = nn.LayerNorm(d)
-        self.decoder_pred = nn.Linear(d, c.patch_size**2 * c.in_chans)
-        self.final_layer = nn.Conv2d(c.in_chans, c.in_chans, 3, padding=1) if c.conv else nn.Identity()
+        build_trunk(self, c)
         self._init_weights()
 
     def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        reference_init(self)
         with torch.no_grad():
             c = self.config
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -256,6 +327,7 @@ class UViT(nn.Module):
         prompts: torch.Tensor | None = None,
         return_mid: bool = False,
         prompt_gate: torch.Tensor | None = None,
+        adapters: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Predict eps. With ``return_mid`` also return the tokens after the mid block (B, extras + patches, D),
         prompts dropped: what the CDM router heads read.
@@ -267,26 +339,22 @@ class UViT(nn.Module):
         moves, and the data crossing is a few MB per call."""
         home, dev = x.device, self.pos_embed.device
         if home == dev:
-            return self._forward(x, timesteps, y, prompts, return_mid, prompt_gate)
+            return self._forward(x, timesteps, y, prompts, return_mid, prompt_gate, adapters)
         move = lambda v: None if v is None else v.to(dev)  # noqa: E731
         amp = (torch.autocast(dev.type, dtype=torch.get_autocast_dtype(home.type))
                if torch.is_autocast_enabled(home.type) else contextlib.nullcontext())
         with amp:
-            out = self._forward(move(x), move(timesteps), move(y), move(prompts), return_mid, move(prompt_gate))
+            out = self._forward(move(x), move(timesteps), move(y), move(prompts), return_mid, move(prompt_gate),
+                                None if adapters is None else tuple(move(a) for a in adapters))
         return tuple(o.to(home) for o in out) if return_mid else out.to(home)
 
-    def _forward(self, x, timesteps, y, prompts, return_mid, prompt_gate):
+    def _forward(self, x, timesteps, y, prompts, return_mid, prompt_gate, adapters=None):
         c = self.config
         if x.ndim != 4 or x.shape[1:] != (c.in_chans, c.img_size, c.img_size):
             raise ValueError(f"expected input (B, {c.in_chans}, {c.img_size}, {c.img_size}), got {tuple(x.shape)}")
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(x.shape[0])
-        if prompts is not None and (prompts.ndim != 4 or prompts.shape[1] != c.n_blocks
-                                    or prompts.shape[3] != c.embed_dim or prompts.shape[0] not in (1, x.shape[0])):
-            raise ValueError(f"prompts must be (B or 1, {c.n_blocks}, P, {c.embed_dim}), got {tuple(prompts.shape)}")
-        if prompt_gate is not None and (prompts is None or prompt_gate.shape[1:] != (c.n_blocks, c.num_heads)
-                                        or prompt_gate.shape[0] not in (1, x.shape[0])):
-            raise ValueError(f"prompt_gate must be (B or 1, {c.n_blocks}, {c.num_heads}) and come with prompts")
+        check_prompts(c, x.shape[0], prompts, prompt_gate, adapters)
         if c.num_classes > 0 and y is None:
             if c.null_class is None:
                 raise ValueError("this U-ViT is class-conditional and has no null class: pass y")
@@ -298,23 +366,7 @@ class UViT(nn.Module):
         h = torch.cat([time_token.unsqueeze(1), h], dim=1)
         if y is not None:
             h = torch.cat([self.label_emb(y.expand(x.shape[0])).unsqueeze(1), h], dim=1)
-        h = h + self.pos_embed
-        k = iter(range(c.n_blocks))
-
-        def p() -> dict:
-            if prompts is None:
-                return {}
-            i = next(k)
-            return {"prompt": prompts[:, i], "gate": None if prompt_gate is None else prompt_gate[:, i]}
-
-        skips = []
-        for blk in self.in_blocks:
-            h = blk(h, **p())
-            skips.append(h)
-        h = self.mid_block(h, **p())
-        mid = h
-        for blk in self.out_blocks:
-            h = blk(h, skips.pop(), **p())
+        h, mid = run_blocks(self, h + self.pos_embed, prompts, prompt_gate, adapters)
         h = self.decoder_pred(self.norm(h))[:, c.extras:]
         eps = self.final_layer(unpatchify(h, c.in_chans))
         return (eps, mid) if return_mid else eps

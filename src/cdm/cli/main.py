@@ -193,10 +193,13 @@ def sample(
     per_class: int = typer.Option(10, help="Images per class (an unconditional backbone: images in all, unless --n)."),
     classes: str | None = typer.Option(None, help="Comma-separated class labels (default: all)."),
     n: int | None = typer.Option(None, help="Draw N unconditional images instead of per-class ones."),
+    prompt: list[str] = typer.Option([], help="A caption to draw (repeatable; text compartments): --per-class "
+                                     "images of each."),
     solver: Solver | None = typer.Option(None, help="Default: what the weighting needs (ddpm, the ancestral solver, "
                                          "for ito over several sources), else ddim."),
     steps: int = typer.Option(50, help="Solver steps."),
-    guidance: float = typer.Option(2.0, help="Classifier-free guidance scale (1 = none; class-conditional only)."),
+    guidance: float = typer.Option(2.0, help="Classifier-free guidance scale (1 = none; class or caption "
+                                   "conditional only)."),
     seed: int = typer.Option(0, help="Seed of the initial noise and of stochastic solvers."),
     bf16: bool = typer.Option(False, help="bfloat16 autocast for the denoiser."),
     sparse: float = typer.Option(0.0, help="Stop evaluating a source for a sample once its weight < this."),
@@ -209,7 +212,7 @@ def sample(
 
     from ..backbone import Backbone
     from ..generation import class_labels
-    from ..io import atomic_write_bytes
+    from ..io import atomic_write_bytes, atomic_write_json
     from ..operations import generate_from_store, store_backbone
     from ..viz import write_samples
 
@@ -230,14 +233,19 @@ def sample(
             if wanted:
                 raise CdmError("--classes: this backbone is unconditional (it has no classes); use --n")
             n = per_class
-        labels = None if n is not None else class_labels(bb, wanted, per_class)  # ValueError: one line
+        captions = [c for c in prompt for _ in range(per_class)] or None
+        if captions is not None and (n is not None or wanted):
+            raise CdmError("--prompt draws --per-class images of each caption: no --n or --classes with it")
+        labels = None if n is not None or captions else class_labels(bb, wanted, per_class)  # ValueError: one line
         gen = generate_from_store(st, bb, names, labels=labels, n=n, weighting=_value(weighting),
                                   solver=_value(solver), steps=steps, guidance=guidance, seed=seed, threshold=sparse,
-                                  bf16=bf16, progress=True)
+                                  bf16=bf16, progress=True, captions=captions)
     finally:
         if st is not None:
             st.close()
     write_samples(out, "samples", gen.images, gen.labels, nrow=per_class if n is None else 10)
+    if gen.captions is not None:
+        atomic_write_json(out / "captions.json", gen.captions)
     msg = f"{len(gen.images)} images ({gen.solver} x{gen.steps}) -> {out / 'samples.npz'}, {out / 'samples.png'}"
     if gen.weights is not None:
         buf = _io.BytesIO()
@@ -349,6 +357,8 @@ def demo(
                                      "100 emoji)."),
     seed: int = typer.Option(0, help="Seed of training and sampling."),
     latent: bool = _latent_option(),
+    text: bool = typer.Option(False, help="emoji: also train text compartments on the emoji's captions and draw "
+                              "held-out captions from their composition."),
 ) -> None:
     """The main job on the embedded data: backbone samples, compartments, composition, attribution, a forget;
     writes report.md."""
@@ -359,8 +369,11 @@ def demo(
 
         out = out or Path("out/demo-emoji")
         run_emoji_demo(out, backbone=backbone, judge=classifier, per_class=per_class or 6, steps=steps or 100,
-                       seed=seed, log=console.print)
+                       seed=seed, log=console.print, text=text)
     else:
+        if text:
+            raise CdmError("--text: the text demo runs on emoji (--dataset emoji); the digits' captions are their "
+                           "class names")
         from ..demo import run_demo
 
         out = out or Path("out/demo")
@@ -414,11 +427,14 @@ def _open_store(path: Path):
     return Store.open(path)
 
 
-def _compartment_config(steps: int, prompts: int, unconditional: bool, seed: int, batch_size: int, lr: float):
+def _compartment_config(steps: int, prompts: int, unconditional: bool, seed: int, batch_size: int, lr: float,
+                        text: bool = False, adapters: int = 0):
     from ..compartments import CompartmentConfig
+    from ..text import MINILM
 
     return CompartmentConfig(steps=steps, n_prompts=prompts, conditional=not unconditional, seed=seed,
-                             batch_size=batch_size, lr=lr)
+                             batch_size=batch_size, lr=lr, text_encoder=MINILM if text else None,
+                             adapter_rank=adapters)
 
 
 def _fit_to(bb, source, fit_filter):
@@ -448,6 +464,9 @@ def add(
     steps: int = typer.Option(_CC.steps, help="Optimiser steps."),
     prompts: int = typer.Option(_CC.n_prompts, help="Prompt tokens per block (P)."),
     unconditional: bool = typer.Option(False, help="One prompt set instead of one per class."),
+    text: bool = typer.Option(False, help="Condition on the source's captions (all-MiniLM-L6-v2 embeddings -> "
+                              "linear -> prompt tokens) instead of classes; sample with --prompt."),
+    adapters: int = typer.Option(0, help="Rank of parallel FFN adapters in every block (0: prompts only)."),
     batch_size: int = typer.Option(_CC.batch_size, help="Samples per optimiser step."),
     lr: float = typer.Option(_CC.lr, help="Learning rate (Adam, cosine schedule)."),
     seed: int = typer.Option(_CC.seed, help="Seed of prompts, batches and noise (training is deterministic)."),
@@ -471,7 +490,7 @@ def add(
 
     _threads(threads)
     check_source_name(name)  # before anything is read or written
-    cfg = _compartment_config(steps, prompts, unconditional, seed, batch_size, lr)
+    cfg = _compartment_config(steps, prompts, unconditional, seed, batch_size, lr, text, adapters)
     dp = None
     if dp_epsilon is not None:
         from ..privacy import DPConfig
@@ -694,6 +713,25 @@ def import_uvit_cmd(
                   + f"; try `cdm sample --backbone {out}" + (" --n 10`" if c.num_classes <= 0 else "`"))
 
 
+@app.command("import-uvit-t2i")
+def import_uvit_t2i_cmd(
+    checkpoint: Path = typer.Argument(..., help="Their MS-COCO text-to-image .pth (or training directory); read with "
+                                      "torch.load(weights_only=True)."),
+    config: str = typer.Option(..., help="mscoco_uvit_small, mscoco_uvit_small_deep, or a JSON file {\"nnet\": "
+                               "{\"name\": \"uvit_t2i\", ...}, \"schedule\": NAME, \"context\": {...}}."),
+    out: Path = typer.Option(..., help="New directory (must not exist or be empty); written atomically."),
+) -> None:
+    """Import baofff/U-ViT's text-to-image (uvit_t2i) checkpoint: strict names, safetensors + config.json. It
+    conditions on CLIP token embeddings (not shipped here), so it is kept as a network, not a cdm backbone."""
+    from ..backbone.convert import import_uvit_t2i
+
+    r = import_uvit_t2i(checkpoint, config, out, command=_command())
+    c = r.model
+    console.print(f"imported {r.config_name} (depth {c.depth}, {c.num_clip_token} context tokens of {c.clip_dim}, "
+                  f"schedule {r.schedule.name}){f' from entry {r.entry!r}' if r.entry else ''}, sha256 "
+                  f"{r.sha256[:12]} -> {out}; load it with cdm.backbone.load_uvit_t2i")
+
+
 # ----------------------------------------------------------------------------------------------- the service
 keys_app = typer.Typer(no_args_is_help=True, help="API keys of the service (hashed in the store's registry).")
 app.add_typer(keys_app, name="keys")
@@ -809,6 +847,8 @@ def attribute(
                                 "own class counts) | prompt-row (its unconditional prompts) | auto (the class "
                                 "mixture where it applies)."),
     seed: int = typer.Option(0, help="Seed of the samples' initial noise and of the probes."),
+    prompt: list[str] = typer.Option([], help="Text compartments: a caption (repeatable); --n samples of each, "
+                                     "attributed with the caption-conditioned densities."),
     backbone: Path | None = _backbone_option(),
     threads: int | None = _threads_option(),
 ) -> None:
@@ -828,13 +868,16 @@ def attribute(
     except ValueError:
         raise CdmError(f"--priors: expected comma-separated numbers, got {priors!r}") from None
     with _open_store(store) as st:
+        captions = [c for c in prompt for _ in range(n)] or None
         r = attribute_samples(st, store_backbone(st, backbone), names, n=n, seed=seed, steps=steps, probes=probes,
-                              exact=exact, priors=lam, weighting=weighting, density=density)
+                              exact=exact, priors=lam, weighting=weighting, density=density, captions=captions)
+    n = len(r.images)
     write_samples(out, "samples", r.images, None, nrow=min(n, 10))
     per = [{"sample": i, "credit": dict(zip(names, map(float, r.credit[i]), strict=True)),
             "credit_se": dict(zip(names, map(float, r.credit_se[i]), strict=True)),
             "weight_path": dict(zip(names, map(float, r.weight_path[i]), strict=True)),
-            "loglik_change_nats": float(r.loglik_change[i])} for i in range(n)]
+            "loglik_change_nats": float(r.loglik_change[i]),
+            **({} if captions is None else {"caption": captions[i]})} for i in range(n)]
     summary = {"sources": names, "priors": r.priors, "density": r.density, "weighting": weighting, "steps": steps,
                "probes": r.probes, "exact": exact, "seed": seed, "command": _command(),
                "mean_credit": dict(zip(names, map(float, r.credit.mean(0)), strict=True)),

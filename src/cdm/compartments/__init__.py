@@ -1,5 +1,5 @@
-"""Compartments: per-source deep prompts on the frozen backbone."""
+"""Compartments: per-source deep prompts (and caption maps, adapters) on the frozen backbone."""
 
-from .compartment import Compartment, CompartmentConfig, PromptTable
+from .compartment import Adapters, Compartment, CompartmentConfig, PromptTable, net_inputs
 
-__all__ = ["Compartment", "CompartmentConfig", "PromptTable"]
+__all__ = ["Adapters", "Compartment", "CompartmentConfig", "PromptTable", "net_inputs"]

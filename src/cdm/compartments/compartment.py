@@ -9,6 +9,14 @@ Layout of the table (a :class:`PromptTable`, rows of ``n_blocks * P * D`` number
   *unconditional* prompts (trained on a ``label_dropout`` share of the batches). The unconditional row is what
   classifier-free guidance and unconditional composition use.
 - unconditional: a single row.
+- text-conditioned (``text_encoder`` set; the paper's text-to-image compartments): a single row of base prompts
+  (and gates), plus a linear map from the caption's embedding to ``text_tokens`` more prompt tokens, the same in
+  every block. The empty caption (trained on a ``label_dropout`` share of the batches) is the unconditional
+  branch of classifier-free guidance.
+
+Any compartment may add *parallel adapters* (``adapter_rank`` > 0) beside every block's MLP:
+``x + mlp(h) + up(gelu(down(h)))`` with ``h = norm2(x)``; ``up`` starts at zero, so the compartment still starts
+exactly at the backbone. They add capacity where prompts act only through attention.
 
 The backbone gets the sample's class token (the null class for unconditional rows): a compartment starts from
 the public backbone's class-conditional prediction, and everything it learns about its source lives in the
@@ -27,7 +35,7 @@ from ..backbone import Backbone
 from ..errors import WeightsError
 from ..io import config_from_dict
 
-__all__ = ["Compartment", "CompartmentConfig", "PromptTable"]
+__all__ = ["Adapters", "Compartment", "CompartmentConfig", "PromptTable", "net_inputs"]
 
 
 @dataclass(frozen=True)
@@ -48,9 +56,20 @@ class CompartmentConfig:
     validate_every: int = 50  # steps between validation losses (step 0, the backbone itself when gated, included)
     seed: int = 0
     checkpoint_every: int = 250  # steps between resumable checkpoints
+    text_encoder: str | None = None  # condition on captions embedded by this registered encoder (cdm.text); None:
+    #                                  on class labels (conditional) or nothing. Implies conditional=False
+    text_tokens: int = 4  # text compartments: prompt tokens per block made from the caption by one linear map
+    adapter_rank: int = 0  # parallel FFN adapters of this width in every block; 0: prompts only
 
     def __post_init__(self) -> None:
+        if self.text_encoder is not None and self.conditional:  # captions replace class rows
+            object.__setattr__(self, "conditional", False)
         problems = []
+        if self.text_encoder is not None and (not isinstance(self.text_encoder, str) or not self.text_encoder):
+            problems.append(f"text_encoder must be a registered encoder name (got {self.text_encoder!r})")
+        if self.text_tokens < 1 or self.adapter_rank < 0:
+            problems.append(f"text_tokens must be >= 1 and adapter_rank >= 0 (got {self.text_tokens}, "
+                            f"{self.adapter_rank})")
         if self.n_prompts < 1:
             problems.append(f"n_prompts must be >= 1 (got {self.n_prompts})")
         if self.steps < 1 or self.batch_size < 1:
@@ -69,6 +88,11 @@ class CompartmentConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def text(self) -> bool:
+        """Conditioned on captions."""
+        return self.text_encoder is not None
 
     @classmethod
     def from_dict(cls, d: dict) -> CompartmentConfig:
@@ -101,15 +125,41 @@ class PromptTable(nn.Module):
         return self.split(self.table(index))
 
 
+class Adapters(nn.Module):
+    """Parallel FFN adapters, one per block: ``down`` (n_blocks, D, r), ``up`` (n_blocks, r, D)."""
+
+    def __init__(self, n_blocks: int, dim: int, rank: int):
+        super().__init__()
+        self.down = nn.Parameter(torch.zeros(n_blocks, dim, rank))
+        self.up = nn.Parameter(torch.zeros(n_blocks, rank, dim))
+
+
+def net_inputs(split: dict[str, torch.Tensor | None], text_tokens: torch.Tensor | None = None,
+               adapters: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor | None]:
+    """The backbone's keywords from per-row prompt-table rows (``PromptTable.split``), optional per-row text tokens
+    (B, T, D), appended to every block's prompts, and optional adapters ``(down, up)`` (B or 1, n_blocks, ...)."""
+    out = dict(split)
+    if text_tokens is not None:
+        p = out["prompts"]
+        t = text_tokens.to(p.dtype).unsqueeze(1).expand(-1, p.shape[1], -1, -1)
+        out["prompts"] = torch.cat([p.expand(t.shape[0], -1, -1, -1), t], dim=2)
+    if adapters is not None:
+        out["adapters"] = adapters
+    return out
+
+
 class Compartment(nn.Module):
-    """Prompts for one source. ``eps(backbone, x, t, y=None)`` is its denoiser; ``y=None`` (or the null class)
-    selects the unconditional prompts."""
+    """Prompts (and optionally a caption map and adapters) for one source. ``eps(backbone, x, t, y=None,
+    text=None)`` is its denoiser; ``y=None`` (or the null class) selects the unconditional prompts; a text
+    compartment reads ``text`` (B, text_dim) caption embeddings (the empty caption's is its unconditional branch)."""
 
     def __init__(self, config: CompartmentConfig, *, n_blocks: int, dim: int, num_classes: int, null_class: int | None,
-                 num_heads: int = 0):
+                 num_heads: int = 0, text_dim: int = 0):
         super().__init__()
         if config.conditional and null_class is None:
             raise ValueError("a class-conditional compartment needs a backbone with a null class")
+        if config.text and text_dim < 1:
+            raise ValueError("a text compartment needs its encoder's embedding width")
         self.config = config
         self.num_classes = num_classes  # real classes (labels 0..num_classes-1)
         self.null_class = null_class
@@ -117,20 +167,37 @@ class Compartment(nn.Module):
         if config.gated and num_heads < 1:
             raise ValueError("gated prompts need the backbone's number of heads")
         self.prompts = PromptTable(n_sets, n_blocks, config.n_prompts, dim, num_heads if config.gated else 0)
+        self.text_dim = text_dim if config.text else 0
+        self.text_proj = nn.Linear(text_dim, config.text_tokens * dim) if config.text else None
+        self.adapters = Adapters(n_blocks, dim, config.adapter_rank) if config.adapter_rank else None
+        self.dim = dim
 
     @classmethod
     def for_backbone(cls, backbone: Backbone, config: CompartmentConfig) -> Compartment:
         c = backbone.config
         n_real = c.num_classes - (1 if c.null_class is not None else 0) if c.num_classes > 0 else 0
+        text_dim = 0
+        if config.text:
+            from ..text import text_dim as width  # the encoder's width, without loading it
+
+            text_dim = width(config.text_encoder)
         return cls(config, n_blocks=c.n_blocks, dim=c.embed_dim, num_classes=n_real, null_class=c.null_class,
-                   num_heads=c.num_heads)
+                   num_heads=c.num_heads, text_dim=text_dim)
 
     def init_prompts(self, generator: torch.Generator) -> None:
-        """Prompts ~ N(0, init_std^2); gates at zero (the compartment starts as the backbone)."""
+        """Prompts, the caption map and adapters' ``down`` ~ N(0, init_std^2); gates, biases and adapters' ``up``
+        at zero (the compartment starts as the backbone)."""
+        std = self.config.init_std
         with torch.no_grad():
             w = self.prompts.table.weight
-            w.copy_(torch.randn(w.shape, generator=generator) * self.config.init_std)
+            w.copy_(torch.randn(w.shape, generator=generator) * std)
             w[:, self.prompts.n_prompt_numbers:] = 0
+            if self.text_proj is not None:
+                self.text_proj.weight.copy_(torch.randn(self.text_proj.weight.shape, generator=generator) * std)
+                self.text_proj.bias.zero_()
+            if self.adapters is not None:
+                self.adapters.down.copy_(torch.randn(self.adapters.down.shape, generator=generator) * std)
+                self.adapters.up.zero_()
 
     def row(self, y: torch.Tensor | None, batch: int) -> torch.Tensor:
         """Prompt-table row of each sample: its class, or the unconditional row for None / the null class."""
@@ -153,29 +220,65 @@ class Compartment(nn.Module):
             return torch.full((batch,), null, dtype=torch.long)
         return (y.expand(batch) if y.ndim == 0 else y).long()
 
-    def eps(self, backbone: Backbone, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        prompt_kw = self.prompts(self.row(y, x.shape[0]).to(x.device))
-        labels = self.backbone_labels(y, x.shape[0])
-        return backbone.net(x, t, y=None if labels is None else labels.to(x.device), **prompt_kw)
+    def check_text(self, text: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+        """The caption embeddings a text compartment needs ((B or 1, text_dim)); None for the others."""
+        if self.text_proj is None:
+            if text is not None:
+                raise ValueError("this compartment is not text-conditioned: it takes no caption")
+            return None
+        if text is None:
+            raise ValueError("a text compartment needs caption embeddings (the empty caption's for unconditional)")
+        text = text.reshape(1, -1) if text.ndim == 1 else text
+        if text.ndim != 2 or text.shape[1] != self.text_dim or text.shape[0] not in (1, batch):
+            raise ValueError(f"caption embeddings must be (B or 1, {self.text_dim}), got {tuple(text.shape)}")
+        return text.expand(batch, -1)
+
+    def net_kwargs(self, y: torch.Tensor | None, text: torch.Tensor | None, batch: int,
+                   device: torch.device | str = "cpu") -> dict:
+        """The backbone's keywords (label, prompts, gates, adapters) for ``batch`` rows of this compartment."""
+        text = self.check_text(text, batch)
+        split = self.prompts(self.row(y, batch).to(device))
+        tokens = None
+        if text is not None:
+            tokens = self.text_proj(text.to(device, self.text_proj.weight.dtype)).view(batch, -1, self.dim)
+        adapters = None if self.adapters is None else (self.adapters.down.unsqueeze(0), self.adapters.up.unsqueeze(0))
+        labels = self.backbone_labels(y, batch)
+        return {"y": None if labels is None else labels.to(device), **net_inputs(split, tokens, adapters)}
+
+    def eps(self, backbone: Backbone, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
+            text: torch.Tensor | None = None) -> torch.Tensor:
+        return backbone.net(x, t, **self.net_kwargs(y, text, x.shape[0], x.device))
 
     def denoiser(self, backbone: Backbone):
-        """A plain denoiser callable ``eps(x, t, y=None)`` for the solvers."""
+        """A plain denoiser callable ``eps(x, t, y=None, text=None)`` for the solvers."""
 
-        def eps(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-            return self.eps(backbone, x, t, y)
+        def eps(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
+                text: torch.Tensor | None = None) -> torch.Tensor:
+            return self.eps(backbone, x, t, y, text)
 
         return eps
 
     # -- tensors on disk (the store adds manifests and hashes) ----------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"prompts": self.prompts.table.weight.detach().clone()}
+        """``prompts`` (the table), plus ``text_proj.weight`` / ``text_proj.bias`` and ``adapters.down`` /
+        ``adapters.up`` when the config has them."""
+        out = {"prompts": self.prompts.table.weight.detach().clone()}
+        for name, v in self.named_parameters():
+            if not name.startswith("prompts."):
+                out[name] = v.detach().clone()
+        return out
 
     def load_tensors(self, tensors: dict[str, torch.Tensor], origin: str = "compartment") -> None:
-        if set(tensors) != {"prompts"}:
-            raise WeightsError(f"{origin}: expected exactly one tensor 'prompts', got {sorted(tensors)}")
-        w = self.prompts.table.weight
-        if tuple(tensors["prompts"].shape) != tuple(w.shape):
-            raise WeightsError(f"{origin}: prompts have shape {tuple(tensors['prompts'].shape)}, this backbone and "
-                               f"config need {tuple(w.shape)}")
+        want = self.tensors()
+        if set(tensors) != set(want):
+            raise WeightsError(f"{origin}: expected the tensors {sorted(want)}, got {sorted(tensors)}")
+        for name, v in want.items():
+            if tuple(tensors[name].shape) != tuple(v.shape):
+                raise WeightsError(f"{origin}: {name} has shape {tuple(tensors[name].shape)}, this backbone and "
+                                   f"config need {tuple(v.shape)}")
+        params = dict(self.named_parameters())
         with torch.no_grad():
-            w.copy_(tensors["prompts"])
+            self.prompts.table.weight.copy_(tensors["prompts"])
+            for name, v in tensors.items():
+                if name != "prompts":
+                    params[name].copy_(v)

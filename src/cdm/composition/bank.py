@@ -1,7 +1,8 @@
 """Compartments on one backbone as a bank: every (sample, compartment) pair in ONE batched forward.
 
-Rows carry their own prompts (the prompt tables are stacked and gathered per row), so n compartments cost one
-backbone call on n x B rows instead of n calls.
+Rows carry their own prompts (the prompt tables are stacked and gathered per row; a text compartment's caption
+map is applied per compartment, its adapters gathered per row), so n compartments cost one backbone call on
+n x B rows instead of n calls.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from ..backbone import Backbone
-from ..compartments import Compartment
+from ..compartments import Compartment, net_inputs
 
 __all__ = ["CompartmentBank"]
 
@@ -20,27 +21,46 @@ class CompartmentBank:
     def __init__(self, backbone: Backbone, compartments: Sequence[Compartment]):
         if not compartments:
             raise ValueError("no compartments to compose")
-        shapes = {(c.prompts.table.weight.shape, c.prompts.shape, c.prompts.gate_shape, c.config.conditional)
+        shapes = {(c.prompts.table.weight.shape, c.prompts.shape, c.prompts.gate_shape, c.config.conditional,
+                   c.config.text_encoder, c.config.text_tokens if c.config.text else None, c.config.adapter_rank)
                   for c in compartments}
         if len(shapes) != 1:
-            raise ValueError("compartments to compose in one batch must share prompt count and conditioning")
+            raise ValueError("compartments to compose in one batch must share prompt count, conditioning (classes, "
+                             "captions and their encoder) and adapters")
         self.backbone = backbone
         self.compartments = list(compartments)
         self.tables = torch.stack([c.prompts.table.weight.detach() for c in compartments])  # (n, rows, flat)
+        first = self.compartments[0]
+        self.text = first.config.text
+        self.adapters = None
+        if first.adapters is not None:
+            self.adapters = (torch.stack([c.adapters.down.detach() for c in compartments]),
+                             torch.stack([c.adapters.up.detach() for c in compartments]))
 
     def __len__(self) -> int:
         return len(self.compartments)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, index: torch.Tensor, y: torch.Tensor | None = None,
-                 return_mid: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                 return_mid: bool = False, text: torch.Tensor | None = None
+                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """eps for each row from compartment ``index[row]``; with ``return_mid`` also that forward's tokens after
-        the mid block (rows, L, D), for router heads."""
-        first = self.compartments[0]
-        rows = first.row(y, x.shape[0])  # same row layout for every compartment
-        prompt_kw = first.prompts.split(self.tables[index, rows].to(x.device))
-        labels = first.backbone_labels(y, x.shape[0])
+        the mid block (rows, L, D), for router heads. ``text``: (rows or 1, dim) caption embeddings (text
+        compartments)."""
+        first, b = self.compartments[0], x.shape[0]
+        text = first.check_text(text, b)
+        rows = first.row(y, b)  # same row layout for every compartment
+        split = first.prompts.split(self.tables[index, rows].to(x.device))
+        tokens = None
+        if text is not None:
+            tokens = torch.empty((b, first.config.text_tokens * first.dim), dtype=self.tables.dtype)
+            for i in index.unique().tolist():
+                at = (index == i).nonzero()[:, 0]
+                tokens[at] = self.compartments[i].text_proj(text[at].to(self.tables.dtype)).detach()
+            tokens = tokens.view(b, -1, first.dim).to(x.device)
+        adapters = None if self.adapters is None else tuple(a[index].to(x.device) for a in self.adapters)
+        labels = first.backbone_labels(y, b)
         return self.backbone.net(x, t, y=None if labels is None else labels.to(x.device), return_mid=return_mid,
-                                 **prompt_kw)
+                                 **net_inputs(split, tokens, adapters))
 
 
 class ClassMixtureBank:

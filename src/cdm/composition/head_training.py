@@ -98,15 +98,18 @@ class _Pool:
     """Sources in model space (canonical order), and the draw of a balanced batch of noisy samples."""
 
     def __init__(self, codec: Codec, sources: Sequence[Source], num_classes: int | None,
-                 inputs: Sequence[torch.Tensor | None] | None = None):
-        from ..training.compartment import model_space
+                 inputs: Sequence[torch.Tensor | None] | None = None, texts: Sequence | None = None):
+        from ..training.compartment import canonical_index, model_space
 
-        self.x, self.y = [], []
+        self.x, self.y, self.text, self.empty = [], [], [], None
         for i, s in enumerate(sources):
             if len(s) == 0:
                 raise DataError(f"{s.id}: the source is empty")
             d, x = model_space(codec, s, None if inputs is None else inputs[i])
             self.x.append(x)
+            if texts is not None:  # caption embeddings (CaptionEmbeddings, source order) of text compartments
+                self.text.append(texts[i].rows[torch.from_numpy(canonical_index(s))])
+                self.empty = texts[i].empty
             # labels are used for class prompts only when the compartment has a row for every one of them
             usable = d.labels is not None and num_classes is not None and int(d.labels.max()) < num_classes
             self.y.append(torch.tensor(np.array(d.labels), dtype=torch.long) if usable else None)
@@ -117,11 +120,14 @@ class _Pool:
     def draw(self, k: torch.Tensor, g: torch.Generator, schedule: NoiseSchedule, cond_share: float,
              null: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``x_t`` (B, C, S, S), ``t`` (B,) and ``y`` (B,) (the null class on unconditional rows; None when no
-        row is conditional) for rows drawn from sources ``k`` (B,)."""
+        row is conditional) for rows drawn from sources ``k`` (B,). A pool with captions puts each conditional
+        row's caption embedding (the empty caption's on the others) in :attr:`last_text` (B, dim)."""
         b = k.shape[0]
         u = torch.rand(b, generator=g)
         x0 = torch.empty((b, *self.x[0].shape[1:]))
         y = torch.full((b,), -1, dtype=torch.long)
+        text = None if not self.text else self.empty.expand(b, -1).clone()
+        captioned = torch.zeros(b, dtype=torch.bool)
         for j in range(len(self)):
             rows = (k == j).nonzero()[:, 0]
             if not rows.numel():
@@ -130,10 +136,15 @@ class _Pool:
             x0[rows] = self.x[j][idx]
             if self.y[j] is not None:
                 y[rows] = self.y[j][idx]
-        cond = (torch.rand(b, generator=g) < cond_share) & (y >= 0)
+            if text is not None:
+                text[rows] = self.text[j][idx]
+                captioned[rows] = True
+        share = torch.rand(b, generator=g) < cond_share
+        cond = share & (y >= 0)
         t = torch.randint(0, schedule.num_train_timesteps, (b,), generator=g)
         noise = torch.randn(x0.shape, generator=g)
         xt = schedule.add_noise(x0, noise, t)
+        self.last_text = None if text is None else torch.where((share & captioned)[:, None], text, self.empty)
         if null is None or not cond.any():
             return xt, t, None
         return xt, t, torch.where(cond, y, torch.full_like(y, null))
@@ -209,15 +220,17 @@ def _record(kind: str, cfg: HeadConfig, losses: list[float], wall: float, source
 
 
 def router_logits(bank: CompartmentBank, heads: HeadBank, x: torch.Tensor, t: torch.Tensor,
-                  y: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, n) logits: every sample through all n compartments (one batched forward, no grad), heads after."""
+                  y: torch.Tensor | None = None, text: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, n) logits: every sample through all n compartments (one batched forward, no grad), heads after.
+    ``text``: caption embeddings (B, dim) for text compartments."""
     b, n = x.shape[0], len(bank)
     x_rep = x.repeat_interleave(n, dim=0)
     t_rep = t.repeat_interleave(n, dim=0)
     y_rep = None if y is None else y.repeat_interleave(n, dim=0)
+    cond = {} if text is None else {"text": text.repeat_interleave(n, dim=0)}
     index = torch.arange(n).repeat(b)
     with torch.no_grad():
-        _, mid = bank(x_rep, t_rep, index, y=y_rep, return_mid=True)
+        _, mid = bank(x_rep, t_rep, index, y=y_rep, return_mid=True, **cond)
     return heads(mid.view(b, n, *mid.shape[1:]))
 
 
@@ -230,21 +243,29 @@ def _check_sources(compartments: Sequence, sources: Sequence[Source], what: str)
 
 def train_router(backbone: Backbone, compartments: Sequence[Compartment], sources: Sequence[Source], *,
                  cfg: HeadConfig | None = None, progress: bool = False,
-                 inputs: Sequence[torch.Tensor | None] | None = None, **overrides) -> tuple[HeadBank, dict]:
+                 inputs: Sequence[torch.Tensor | None] | None = None, texts: Sequence | None = None,
+                 **overrides) -> tuple[HeadBank, dict]:
     """Train the joint router: n heads, CE on ``(x_t from source k, k)``, batches balanced over sources.
 
     ``compartments[i]`` is source i's (``inputs[i]``, optional: its rows already in the backbone's space, e.g.
-    cached latents). Backbone and compartments are frozen; only the heads learn. Keywords other than
-    ``cfg``/``progress``/``inputs`` override :class:`HeadConfig` fields (``steps``, ``batch_size``, ``lr``,
-    ``seed``...). Deterministic given (source contents, compartments, config). Returns ``(heads, record)``;
-    the record's ``accuracy`` is measured on a held-out batch (fresh draws of sample, t and noise)."""
+    cached latents; ``texts[i]``: its caption embeddings, for text compartments, default: embedded here; the
+    heads then learn ``p(source | x_t, caption)`` on ``cond_share`` of the rows, the empty caption on the rest).
+    Backbone and compartments are frozen; only the heads learn. Keywords other than ``cfg``/``progress``/
+    ``inputs``/``texts`` override :class:`HeadConfig` fields (``steps``, ``batch_size``, ``lr``, ``seed``...).
+    Deterministic given (source contents, compartments, config). Returns ``(heads, record)``; the record's
+    ``accuracy`` is measured on a held-out batch (fresh draws of sample, t and noise)."""
     cfg = _config(cfg, overrides)
     _check_sources(compartments, sources, "router")
     backbone.freeze()
     bank = CompartmentBank(backbone, compartments)
     first = compartments[0]
     n, T = len(sources), backbone.schedule.num_train_timesteps
-    pool = _Pool(backbone.codec, sources, first.num_classes if first.config.conditional else None, inputs)
+    if first.config.text and texts is None:
+        from ..text import caption_embeddings
+
+        texts = [caption_embeddings(s.captions or (), first.config.text_encoder) for s in sources]
+    pool = _Pool(backbone.codec, sources, first.num_classes if first.config.conditional else None, inputs,
+                 texts if first.config.text else None)
     null = backbone.config.null_class if first.config.conditional else None
     tag = _TAG + "/router"
     with deterministic_algorithms():
@@ -252,17 +273,17 @@ def train_router(backbone: Backbone, compartments: Sequence[Compartment], source
 
         def draw(g: torch.Generator, b: int):
             k = _balanced(n, b, g)
-            return (*pool.draw(k, g, backbone.schedule, cfg.cond_share, null), k)
+            return (*pool.draw(k, g, backbone.schedule, cfg.cond_share, null), pool.last_text, k)
 
         def loss_fn(g: torch.Generator) -> torch.Tensor:
-            xt, t, y, k = draw(g, cfg.batch_size)
-            return F.cross_entropy(router_logits(bank, heads, xt, t, y).float(), k)
+            xt, t, y, text, k = draw(g, cfg.batch_size)
+            return F.cross_entropy(router_logits(bank, heads, xt, t, y, text).float(), k)
 
         losses, wall = _optimise(heads, loss_fn, cfg, tag=tag, name="router", progress=progress)
         with torch.no_grad():
-            xt, t, y, k = draw(step_generator(tag + "/eval", cfg.seed, 0), cfg.eval_size)
-            logits = torch.cat([router_logits(bank, heads, xt[s:s + cfg.batch_size], t[s:s + cfg.batch_size],
-                                              None if y is None else y[s:s + cfg.batch_size])
+            xt, t, y, text, k = draw(step_generator(tag + "/eval", cfg.seed, 0), cfg.eval_size)
+            part = lambda v, s: None if v is None else v[s:s + cfg.batch_size]  # noqa: E731
+            logits = torch.cat([router_logits(bank, heads, part(xt, s), part(t, s), part(y, s), part(text, s))
                                 for s in range(0, len(k), cfg.batch_size)])
     correct = logits.argmax(1) == k
     record = _record("router", cfg, losses, wall, sources, backbone_hash=backbone.hash,
@@ -320,6 +341,9 @@ def train_isolated_head(backbone: Backbone, compartment: Compartment, source: So
     public ``core`` (label 0), both through this compartment's forward only. No other source is read.
     Keywords as :func:`train_router`. Returns ``(head, record)``."""
     cfg = _config(cfg, overrides)
+    if compartment.config.text:
+        raise TrainingError("isolated heads need public core data with captions like the source's: not supported "
+                            "for text compartments (use the router or ito)")
     backbone.freeze()
     bank = CompartmentBank(backbone, [compartment])
     num_classes = compartment.num_classes if compartment.config.conditional else None

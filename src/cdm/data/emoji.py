@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
+from .captions import emoji_caption
 from .source import Source
 
 __all__ = [
@@ -113,11 +114,15 @@ def emoji(artist: str, category: str | None = None) -> Source:
 
     ``category`` (a slug such as ``"animals-nature"``) keeps one category; the classes stay the 10 Unicode
     categories. The id is the spec that resolves to it: ``emoji:<artist>`` or ``emoji:<artist>:<category>``.
+    Captions: the Unicode name and subcategory (:func:`cdm.data.captions.emoji_caption`).
     """
     a = _arrays(artist)
     idx = _indices(artist, category)
     id = f"emoji:{artist}" if category is None else f"emoji:{artist}:{category}"
-    return Source(id=id, images=a["images"][idx], labels=a["labels"][idx], classes=EMOJI_CATEGORIES)
+    captions = tuple(emoji_caption(str(n), str(s)) for n, s in zip(a["names"][idx], a["subcategories"][idx],
+                                                                     strict=True))
+    return Source(id=id, images=a["images"][idx], labels=a["labels"][idx], classes=EMOJI_CATEGORIES,
+                  captions=captions)
 
 
 def emoji_metadata(artist: str, category: str | None = None) -> dict[str, np.ndarray]:

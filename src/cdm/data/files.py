@@ -30,7 +30,7 @@ WHITE = (255, 255, 255)
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
 _GRAY_TOLERANCE = 2  # colour channels may differ by this many levels and still count as grey
-_NPZ_KEYS = ("images", "labels", "classes")
+_NPZ_KEYS = ("images", "labels", "classes", "captions")
 _SPEC_KEYS = ("height", "width", "channels")  # optional: the image spec, as sample files carry it
 
 
@@ -101,7 +101,8 @@ def fit(source: Source, spec: ImageSpec, *, filter: str = "lanczos") -> Source:
         raise DataError(f"unknown resize filter {filter!r}; known: {', '.join(FILTERS)}")
     images = np.stack([_to_spec(img, spec, FILTERS[filter]) for img in source.images])
     tag = f"{spec.height}x{spec.width}-{'rgb' if spec.channels == 3 else 'grey'}"
-    return Source(id=f"{source.id}@{tag}", images=images, labels=source.labels, classes=source.classes)
+    return Source(id=f"{source.id}@{tag}", images=images, labels=source.labels, classes=source.classes,
+                  captions=source.captions)
 
 
 def to_mnist_style(gray: np.ndarray, name: str, *, invert: bool | None = None) -> np.ndarray:
@@ -197,11 +198,13 @@ def load_folder(path: str | os.PathLike, *, id: str | None = None, invert: bool 
 
 
 def load_npz(path: str | os.PathLike, *, id: str | None = None) -> Source:
-    """An .npz archive with ``images`` and optional ``labels`` and ``classes`` (read with allow_pickle=False).
+    """An .npz archive with ``images`` and optional ``labels``, ``classes`` and ``captions`` (read with
+    allow_pickle=False).
 
     ``images``: uint8, (N, H, W) or (N, H, W, 1) grey, or (N, H, W, 3) RGB, any size, kept as stored (use
     :func:`fit` to resize). ``labels``: integers >= 0, length N. ``classes``: strings, one per label value
-    (default "0", "1", ...). Other keys are refused. The default ``id`` is the path as given.
+    (default "0", "1", ...). ``captions``: strings, one per image. Other keys are refused. The default ``id``
+    is the path as given.
     """
     file = Path(path)
     if not file.is_file():
@@ -213,8 +216,8 @@ def load_npz(path: str | os.PathLike, *, id: str | None = None) -> Source:
             keys = set(archive.files)
             unknown = sorted(keys - set(_NPZ_KEYS) - set(_SPEC_KEYS))
             if unknown:
-                raise DataError(f"{file}: unexpected keys {', '.join(unknown)} (expected images, labels, classes; "
-                                "optionally height, width, channels)")
+                raise DataError(f"{file}: unexpected keys {', '.join(unknown)} (expected images, labels, classes, "
+                                "captions; optionally height, width, channels)")
             if "images" not in keys:
                 raise DataError(f"{file}: no 'images' array")
             arrays = {key: archive[key] for key in (*_NPZ_KEYS, *_SPEC_KEYS) if key in keys}
@@ -235,7 +238,11 @@ def load_npz(path: str | os.PathLike, *, id: str | None = None) -> Source:
             raise DataError(f"{file}: bad image spec ({e})") from None
         spec.check(images, str(file))
     labels, classes = _npz_labels(arrays.get("labels"), arrays.get("classes"), len(images), file)
-    return Source(id=id or _default_id(path), images=images, labels=labels, classes=classes)
+    captions = arrays.get("captions")
+    if captions is not None and (captions.dtype.kind != "U" or captions.ndim != 1):
+        raise DataError(f"{file}: captions must be a 1-D array of strings")
+    return Source(id=id or _default_id(path), images=images, labels=labels, classes=classes,
+                  captions=None if captions is None else tuple(str(c) for c in captions))
 
 
 def _npz_images(images: np.ndarray, file: Path) -> np.ndarray:

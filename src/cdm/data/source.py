@@ -1,10 +1,12 @@
-"""``Source``: a named, immutable set of uint8 images of one :class:`~cdm.data.ImageSpec`, optionally labelled."""
+"""``Source``: a named, immutable set of uint8 images of one :class:`~cdm.data.ImageSpec`, optionally labelled
+and optionally captioned."""
 
 from __future__ import annotations
 
 import bisect
 import functools
 import hashlib
+import json
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +44,21 @@ def _readonly_labels(labels: object, n: int, classes: tuple[str, ...], id: str) 
     return out
 
 
+MAX_CAPTION = 1000  # characters in one caption
+
+
+def _captions(captions: object, n: int, id: str) -> tuple[str, ...]:
+    if isinstance(captions, str):
+        raise DataError(f"{id}: captions must be one string per image, not a single string")
+    out = tuple(str(c) if isinstance(c, np.str_) else c for c in captions)
+    if len(out) != n:
+        raise DataError(f"{id}: {len(out)} captions for {n} images")
+    bad = [i for i, c in enumerate(out) if not isinstance(c, str) or not c.strip() or len(c) > MAX_CAPTION]
+    if bad:
+        raise DataError(f"{id}: caption {bad[0]} must be a non-empty string of at most {MAX_CAPTION} characters")
+    return out
+
+
 @dataclass(frozen=True, eq=False)
 class Source:
     """uint8 images, read-only: ``(N, H, W)`` grey or ``(N, H, W, 3)`` RGB (:attr:`spec`); the embedded digits
@@ -50,12 +67,17 @@ class Source:
     ``labels`` (int64, length N) index into ``classes`` (the class names); an unlabelled source has
     ``labels=None`` and ``classes=()``. ``id`` is a stable, human-readable name such as ``"mnist/protected"``;
     the identity of the content is :attr:`content_hash`. Sources compare by identity: compare content hashes.
+
+    ``captions`` (one non-empty string per image, or None) describe the images in words, e.g. ``"red apple,
+    food-fruit"``: what text-conditioned compartments train on. They are data of the source: part of its
+    content hash, kept, subset and forgotten with their images.
     """
 
     id: str
     images: np.ndarray
     labels: np.ndarray | None = None
     classes: tuple[str, ...] = field(default=())
+    captions: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.id, str) or not self.id:
@@ -75,6 +97,8 @@ class Source:
         object.__setattr__(self, "images", images)
         object.__setattr__(self, "labels", labels)
         object.__setattr__(self, "classes", classes)
+        if self.captions is not None:
+            object.__setattr__(self, "captions", _captions(self.captions, len(images), self.id))
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -92,6 +116,11 @@ class Source:
         """Whether the samples carry class labels."""
         return self.labels is not None
 
+    @property
+    def captioned(self) -> bool:
+        """Whether the samples carry captions."""
+        return self.captions is not None
+
     @functools.cached_property
     def sample_hashes(self) -> tuple[str, ...]:
         """SHA-256 (hex) of each image's raw bytes (uint8, C order: 784 bytes for a 28x28 grey digit).
@@ -107,21 +136,25 @@ class Source:
 
         Recipe: sort the samples by (sample hash, label); take the sorted sample hashes joined by ``"\\n"``;
         if the source is labelled append ``"\\n"`` and the labels in that order as decimal integers joined by
-        ``","``; the root is the SHA-256 hex of that UTF-8 text. Class names and ``id`` are not part of it.
+        ``","``; if it is captioned append ``"\n"`` and the JSON list of the captions in that order (the sort
+        key is then (sample hash, label, caption)); the root is the SHA-256 hex of that UTF-8 text. Class names
+        and ``id`` are not part of it.
         """
         order = self._hash_order()
         hashes = self.sample_hashes
         text = "\n".join(hashes[i] for i in order)
         if self.labels is not None:
             text += "\n" + ",".join(str(int(self.labels[i])) for i in order)
+        if self.captions is not None:
+            text += "\n" + json.dumps([self.captions[i] for i in order], ensure_ascii=False)
         return hashlib.sha256(text.encode()).hexdigest()
 
     def _hash_order(self) -> list[int]:
-        hashes = self.sample_hashes
-        labels = self.labels
-        if labels is None:
+        hashes, labels, captions = self.sample_hashes, self.labels, self.captions
+        if labels is None and captions is None:
             return sorted(range(len(self)), key=hashes.__getitem__)
-        return sorted(range(len(self)), key=lambda i: (hashes[i], int(labels[i])))
+        return sorted(range(len(self)), key=lambda i: (hashes[i], -1 if labels is None else int(labels[i]),
+                                                       "" if captions is None else captions[i]))
 
     @functools.cached_property
     def _sorted_unique_hashes(self) -> list[str]:
@@ -165,7 +198,8 @@ class Source:
         if idx.size and (idx.min() < -len(self) or idx.max() >= len(self)):
             raise DataError(f"{self.id}: subset index out of range for {len(self)} samples")
         labels = None if self.labels is None else self.labels[idx]
-        return Source(id=id, images=self.images[idx], labels=labels, classes=self.classes)
+        captions = None if self.captions is None else tuple(self.captions[i] for i in idx.tolist())
+        return Source(id=id, images=self.images[idx], labels=labels, classes=self.classes, captions=captions)
 
     def without(self, sample_ids: Iterable[str], id: str | None = None) -> Source:
         """This source minus every sample whose image hash is listed (full hex or unique >= 12-char prefix).
@@ -192,27 +226,31 @@ class Source:
         return {name: int(c) for name, c in zip(self.classes, counts, strict=True)}
 
     def describe(self) -> dict[str, object]:
-        """A JSON-ready summary: id, n, content_hash, classes, counts."""
+        """A JSON-ready summary: id, n, content_hash, classes, counts, captioned."""
         return {
             "id": self.id,
             "n": len(self),
             "content_hash": self.content_hash,
             "classes": list(self.classes),
             "counts": self.class_counts(),
+            "captioned": self.captioned,
         }
 
     def to_npz(self, path: str | os.PathLike) -> None:
-        """Write ``images`` (+ ``labels`` and ``classes`` if labelled) as a compressed .npz, atomically.
+        """Write ``images`` (+ ``labels`` and ``classes`` if labelled, ``captions`` if captioned) as a compressed
+        .npz, atomically.
 
         The archive holds no pickles; :func:`cdm.data.load_npz` reads it back.
         """
         from ..io import atomic_write_bytes  # deferred: cdm.io imports torch
 
         buf = BytesIO()
-        if self.labels is None:
-            np.savez_compressed(buf, images=self.images)
-        else:  # plain uint8 / int64 / str arrays: nothing is pickled
-            np.savez_compressed(buf, images=self.images, labels=self.labels, classes=np.array(self.classes, dtype=str))
+        arrays = {"images": self.images}  # plain uint8 / int64 / str arrays: nothing is pickled
+        if self.labels is not None:
+            arrays.update(labels=self.labels, classes=np.array(self.classes, dtype=str))
+        if self.captions is not None:
+            arrays["captions"] = np.array(self.captions, dtype=str)
+        np.savez_compressed(buf, **arrays)
         atomic_write_bytes(path, buf.getvalue())
 
 
@@ -226,5 +264,9 @@ def concat_sources(sources: list[Source], id: str) -> Source:
     specs = {s.spec for s in sources}
     if len(specs) > 1:
         raise DataError(f"sources to concatenate must share their image spec, got {', '.join(map(str, specs))}")
+    if any(s.captioned != sources[0].captioned for s in sources):
+        raise DataError("sources to concatenate must all be captioned or none")
     labels = np.concatenate([s.labels for s in sources]) if sources[0].labelled else None
-    return Source(id=id, images=np.concatenate([s.images for s in sources]), labels=labels, classes=classes)
+    captions = sum((s.captions for s in sources), ()) if sources[0].captioned else None
+    return Source(id=id, images=np.concatenate([s.images for s in sources]), labels=labels, classes=classes,
+                  captions=captions)

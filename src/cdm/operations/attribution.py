@@ -18,9 +18,12 @@ __all__ = ["DENSITIES", "attribute_samples", "class_mixture_bank"]
 
 def attribute_samples(store: Store, backbone: Backbone, names: list[str], *, n: int = 16, seed: int = 0,
                       steps: int = 25, probes: int = 2, exact: bool = False, priors: list[float] | None = None,
-                      weighting: str = "ode", density: str = "auto") -> Attribution:
+                      weighting: str = "ode", density: str = "auto", captions: list[str] | None = None
+                      ) -> Attribution:
     """Generate ``n`` unconditional samples from the composition of stored compartments ``names`` along the
-    probability-flow ODE and attribute each to the sources (:func:`cdm.attribution.attribute`). ``weighting``:
+    probability-flow ODE and attribute each to the sources (:func:`cdm.attribution.attribute`). ``captions``
+    (text compartments): one captioned sample per caption instead, attributed with every density conditioned on
+    its caption, ``p_i(x | caption)``. ``weighting``:
     ``ode`` (tracked along the path) or a learned one from the store (router | classifier | isolated). Default
     priors: proportional to source size.
 
@@ -37,6 +40,15 @@ def attribute_samples(store: Store, backbone: Backbone, names: list[str], *, n: 
     if density not in DENSITIES:
         raise CdmError(f"unknown density {density!r}; known: {', '.join(DENSITIES)}")
     comps = [load_compartment(store, backbone, nm) for nm in names]
+    cond = {}
+    if captions is not None:
+        from .generate import _embed
+
+        cond["text"], _ = _embed(store, backbone, list(names), list(captions))
+        n, density = len(captions), "prompt-row" if density == "auto" else density
+        if density != "prompt-row":
+            raise CdmError("captioned samples are attributed with each compartment's caption-conditioned density "
+                           "(density prompt-row)")
     if priors is None:
         priors = [float(store.source(nm)["n"]) for nm in names]
     w = None if weighting == "ode" else load_weighting(store, backbone, names, weighting)
@@ -55,7 +67,7 @@ def attribute_samples(store: Store, backbone: Backbone, names: list[str], *, n: 
     m = backbone.codec.model_size
     noise = torch.randn((n, backbone.config.in_chans, m, m), generator=torch.Generator().manual_seed(seed))
     out = attribute(bank, noise, schedule=backbone.schedule, priors=row_priors, weighting=w,
-                    x0_range=backbone.codec.x0_range,
+                    x0_range=backbone.codec.x0_range, cond=cond,
                     steps=steps, probes=probes, exact=exact, seed=seed)
     keep = ("credit", "credit_se", "weight_path", "loglik_change", "weights", "x0", "probes")
     return Attribution(images=backbone.codec.decode(torch.as_tensor(out["x0"])), names=list(names),

@@ -68,13 +68,15 @@ def generate_from_store(store: Store | None, backbone: Backbone, sources: list[s
                         labels=None, n: int | None = None, weighting: str = "ito", solver: str | None = None,
                         steps: int = 50, guidance: float = 1.0, seed: int = 0, threshold: float = 0.0,
                         priors: list[float] | None = None, bf16: bool = False, batch_size: int = 250,
-                        progress: bool = False, denoiser_hook=None, compose_seed: int | None = None) -> Generation:
+                        progress: bool = False, denoiser_hook=None, compose_seed: int | None = None,
+                        captions: list[str] | None = None) -> Generation:
     """The one way to generate: from the backbone (no sources), one compartment (its own denoiser), or the
     composition of stored compartments ``sources`` with ``weighting``. Class-conditional with ``labels`` (one
-    image per label), else ``n`` unconditional images. ``solver`` None: what the weighting needs
-    (:func:`~cdm.composition.registry.resolve_solver`). ``denoiser_hook(eps) -> eps`` wraps the denoiser (the
-    service watches it for divergence). ``compose_seed``: the seed of the composition's own draws (the single
-    weighting's choice of source; default ``seed``)."""
+    image per label), text-conditioned with ``captions`` (one image per caption; text compartments only, embedded
+    with their encoder; guidance's unconditional branch is the empty caption), else ``n`` unconditional images.
+    ``solver`` None: what the weighting needs (:func:`~cdm.composition.registry.resolve_solver`).
+    ``denoiser_hook(eps) -> eps`` wraps the denoiser (the service watches it for divergence). ``compose_seed``:
+    the seed of the composition's own draws (the single weighting's choice of source; default ``seed``)."""
     from ..composition.registry import resolve_solver
     from ..generation import generate
 
@@ -83,6 +85,12 @@ def generate_from_store(store: Store | None, backbone: Backbone, sources: list[s
         raise CdmError("sources given without a store")
     solver = resolve_solver(weighting, len(sources), solver)
     composed, used, eps = None, [], backbone.eps
+    text = null_text = None
+    if captions is not None:
+        if labels is not None or not captions:
+            raise CdmError("give captions or labels, not both, and at least one caption")
+        text, null_text = _embed(store, backbone, sources, captions)
+        n = None
     if sources:
         rows = {r["cid"]: r for r in store.compartments()}
         if len(sources) == 1:  # one compartment: its own denoiser, nothing to weigh
@@ -96,12 +104,13 @@ def generate_from_store(store: Store | None, backbone: Backbone, sources: list[s
     if denoiser_hook is not None:
         eps = denoiser_hook(eps)
     labels = None if labels is None else np.asarray(labels, dtype=np.int64)
-    if labels is None and guidance != 1.0:
-        guidance = 1.0  # guidance needs a class to guide towards
+    if labels is None and text is None and guidance != 1.0:
+        guidance = 1.0  # guidance needs a class or a caption to guide towards
     trajectories: list = []
     t0 = time.perf_counter()
     images, labels = generate(eps, schedule=backbone.schedule, codec=backbone.codec, labels=labels,
-                              n=None if labels is not None else n, null_class=backbone.config.null_class,
+                              n=None if labels is not None or text is not None else n,
+                              null_class=backbone.config.null_class, text=text, null_text=null_text,
                               guidance=guidance, solver=solver, steps=steps, seed=seed, bf16=bf16,
                               batch_size=batch_size, in_chans=backbone.config.in_chans, progress=progress,
                               trajectories=trajectories)
@@ -118,7 +127,25 @@ def generate_from_store(store: Store | None, backbone: Backbone, sources: list[s
     return Generation(images=images, labels=labels, sources=sources, compartments=used,
                       weighting=weighting if len(sources) > 1 else None, solver=solver, steps=steps, seed=seed,
                       guidance=guidance, weights=weights, evals=tally.total if tally is not None else None,
-                      seconds=seconds)
+                      seconds=seconds, captions=None if captions is None else list(captions))
+
+
+def _embed(store: Store | None, backbone: Backbone, sources: list[str], captions: list[str]):
+    """``(embeddings (N, dim), empty caption's (dim,))`` with the encoder of the text compartments ``sources``."""
+    from ..compartments import CompartmentConfig
+    from ..text import caption_embeddings
+
+    if not sources:
+        raise CdmError("the backbone alone cannot read captions: name text-conditioned compartments (--sources)")
+    encoders = {CompartmentConfig.from_dict(store.compartment(s)["manifest"]["config"]).text_encoder for s in sources}
+    if None in encoders or len(encoders) != 1:
+        raise CdmError(f"captions need text-conditioned compartments with one text encoder; {', '.join(sources)} "
+                       f"have {sorted(map(str, encoders))} (train them with `cdm add --text`)")
+    bad = [c for c in captions if not isinstance(c, str) or len(c) > 1000]
+    if bad:
+        raise CdmError("each caption must be a string of at most 1000 characters")
+    emb = caption_embeddings(captions, encoders.pop())
+    return emb.rows, emb.empty
 
 
 def class_counts(store: Store, names: list[str], comps: list[Compartment]) -> np.ndarray | None:

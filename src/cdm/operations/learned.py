@@ -13,7 +13,7 @@ from ..errors import CdmError
 from ..composition.registry import REGISTRY, names
 from ..store import Store
 from .results import HeadsTrained, StoredCompartment
-from .sources import load_compartment, model_inputs, require_store_backbone, source_data
+from .sources import load_compartment, model_inputs, require_store_backbone, source_data, text_inputs
 
 __all__ = ["ISOLATED_KIND", "LEARNED_WEIGHTINGS", "ROUTER_CIDS", "head_cid", "load_weighting", "runnable_weightings",
            "train_heads", "train_isolated_op", "train_router_op"]
@@ -61,7 +61,12 @@ def train_router_op(store: Store, backbone: Backbone, names: list[str] | None = 
     comp_rows = {n: store.compartment(n) for n in names} if kind == "router" else {}
     if kind == "router":
         comps = [load_compartment(store, backbone, n) for n in names]
-        module, record = train_router(backbone, comps, sources, cfg=cfg, progress=progress, inputs=inputs)
+        texts = None
+        if comps[0].config.text:
+            enc = comps[0].config.text_encoder
+            texts = [text_inputs(store, n, enc, s) for n, s in zip(names, sources, strict=True)]
+        module, record = train_router(backbone, comps, sources, cfg=cfg, progress=progress, inputs=inputs,
+                                      texts=texts)
     else:
         module, record = train_noisy_classifier(backbone.schedule, backbone.codec, sources, cfg=cfg,
                                                 progress=progress, inputs=inputs)

@@ -105,6 +105,7 @@ class Generation:
     weights: np.ndarray | None  # (sampler calls, N, sources) posterior weights of each image's own branch
     evals: int | None  # (image, compartment) denoiser evaluations of a composition (sparse gating skips some)
     seconds: float  # wall time of sampling
+    captions: list[str] | None = None  # the caption of each image, None unless text-conditioned
 
     @property
     def mean_weights(self) -> np.ndarray | None:

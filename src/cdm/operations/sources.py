@@ -116,6 +116,45 @@ def model_inputs(store: Store, backbone: Backbone, name: str, source: Source | N
     return z
 
 
+def text_inputs(store: Store, name: str, encoder: str, source: Source | None = None):
+    """Source ``name``'s caption embeddings under the registered text ``encoder`` (rows in the source's order, and
+    the empty caption's), read from the store's cache (``Store.derived_file(name, "text", ...)``, beside its samples,
+    forgotten with them) or embedded once and cached. Each caption is embedded alone, so cached = fresh."""
+    from ..text import TEXT_ENCODERS, CaptionEmbeddings, caption_embeddings, text_dim
+
+    source = source if source is not None else source_data(store, name)
+    if source.captions is None:
+        raise CdmError(f"source '{name}' has no captions")
+    dim = text_dim(encoder)  # unknown encoder: ValueError naming the known ones
+    encoder_hash = TEXT_ENCODERS[encoder].hash
+    path = store.derived_file(name, "text", content_hash=source.content_hash, model_hash=encoder_hash)
+    order = torch.from_numpy(canonical_index(source))
+    want = {"content_hash": source.content_hash, "encoder": encoder, "encoder_hash": encoder_hash,
+            "n": str(len(source))}
+    if path.is_file():
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta, rows, empty = f.metadata() or {}, f.get_tensor("captions"), f.get_tensor("empty")
+            if {k: meta.get(k) for k in want} == want and tuple(rows.shape) == (len(source), dim):
+                out = torch.empty_like(rows)
+                out[order] = rows
+                return CaptionEmbeddings(out, empty, encoder)
+        except (OSError, ValueError, KeyError, SafetensorError):
+            pass  # damaged: recompute below
+    emb = caption_embeddings(source.captions, encoder)
+    save_state_dict(path, {"captions": emb.rows[order].contiguous(), "empty": emb.empty}, metadata=want)
+    return emb
+
+
+def training_inputs(store: Store, backbone: Backbone, name: str, source: Source, cfg: CompartmentConfig) -> dict:
+    """The cached inputs a compartment of source ``name`` trains on: ``inputs`` (latents, or None for pixels) and,
+    for a text compartment, ``text`` (caption embeddings)."""
+    out = {"inputs": model_inputs(store, backbone, name, source)}
+    if cfg.text:
+        out["text"] = text_inputs(store, name, cfg.text_encoder, source)
+    return out
+
+
 def load_compartment(store: Store, backbone: Backbone, cid: str) -> Compartment:
     """A stored compartment, checked against this backbone and its hashes."""
     tensors, manifest = store.load_compartment(cid, backbone_hash=backbone.hash)
@@ -143,6 +182,9 @@ def check_add(backbone: Backbone, source: Source, *, name: str, cfg: Compartment
         raise CdmError(f"{source.id}: its images are {source.spec}, the backbone takes {backbone.codec.spec}: fit "
                        "them first (cdm.data.fit; `cdm add` does it and says so)")
     check_source_fits(source, Compartment.for_backbone(backbone, cfg))
+    if dp is not None and (cfg.text or cfg.adapter_rank):
+        raise CdmError("DP-SGD trains prompt tables only: text-conditioned compartments and adapters are not "
+                       "supported with --dp yet")
     if dp is not None:
         from ..privacy import calibrate
 
@@ -181,7 +223,7 @@ def add_source(store: Store, backbone: Backbone, source: Source, *, name: str, c
     if not data_path.exists():
         source.to_npz(data_path)
     kwargs = dict(work_dir=store.work_dir(name, sources=[name]), max_minutes=max_minutes, progress=progress,
-                  inputs=model_inputs(store, backbone, name, source))
+                  **training_inputs(store, backbone, name, source, cfg))
     comp, record = _train(backbone, source, cfg, dp, **kwargs)
     record.source.update(spec=source.id, id=name)
     if comp is None:
@@ -217,10 +259,11 @@ def paragon_config(store: Store, names: list[str], steps: int | None = None) -> 
     their steps added up (the same budget as the compartments together) unless ``steps`` is given. Refused when
     the compartments were trained with different prompt tables (no single paragon matches them)."""
     cfgs = [CompartmentConfig.from_dict(store.compartment(n)["manifest"]["config"]) for n in names]
-    shapes = {(c.n_prompts, c.conditional, c.gated) for c in cfgs}
+    shapes = {(c.n_prompts, c.conditional, c.gated, str(c.text_encoder), c.text_tokens, c.adapter_rank) for c in cfgs}
     if len(shapes) > 1:
         raise CdmError(f"the compartments of {', '.join(names)} have different prompt tables (n_prompts, "
-                       f"conditional, gated: {sorted(shapes)}): no paragon has the same budget")
+                       f"conditional, gated, text encoder, text tokens, adapter rank: {sorted(shapes)}): no paragon "
+                       "has the same budget")
     from dataclasses import replace
 
     return replace(cfgs[0], steps=steps if steps is not None else sum(c.steps for c in cfgs))
@@ -238,10 +281,15 @@ def train_paragon(store: Store, backbone: Backbone, *, cfg: CompartmentConfig | 
     cfg = cfg if cfg is not None else paragon_config(store, names)
     parts = [source_data(store, n) for n in names]
     union = concat_sources(parts, id="+".join(names))
-    inputs = [model_inputs(store, backbone, n, p) for n, p in zip(names, parts, strict=True)]
+    inputs = [training_inputs(store, backbone, n, p, cfg) for n, p in zip(names, parts, strict=True)]
+    joint = {"inputs": None if inputs[0]["inputs"] is None else torch.cat([i["inputs"] for i in inputs])}
+    if cfg.text:
+        from ..text import CaptionEmbeddings
+
+        joint["text"] = CaptionEmbeddings(torch.cat([i["text"].rows for i in inputs]), inputs[0]["text"].empty,
+                                          cfg.text_encoder)
     comp, record = train_compartment(backbone, union, cfg, work_dir=store.work_dir(PARAGON, sources=names),
-                                     max_minutes=max_minutes, progress=progress,
-                                     inputs=None if inputs[0] is None else torch.cat(inputs))
+                                     max_minutes=max_minutes, progress=progress, **joint)
     record.source.update(id=PARAGON, sources=names)
     if comp is None:
         return Added(record, None)
@@ -291,7 +339,7 @@ def forget_samples(store: Store, backbone: Backbone, name: str, sample_ids: list
     # 3. retrain from scratch (same config and seed)
     with torch.random.fork_rng():
         comp, record = _train(backbone, reduced, cfg, dp, work_dir=store.work_dir(name, sources=[name]),
-                              progress=progress, inputs=model_inputs(store, backbone, name, reduced))
+                              progress=progress, **training_inputs(store, backbone, name, reduced, cfg))
     record.source.update(spec=spec, id=name)
     new = _put(store, name, comp, record, kind="compartment", sources=[name], backbone=backbone, actor=actor)
     seconds = time.perf_counter() - t0

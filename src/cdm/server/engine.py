@@ -348,8 +348,8 @@ class Engine:
                 del self.admitted_by_key[key]
 
     def _generate(self, ticket: Ticket, resolve: Callable[[Store], list[str]], *, classes: list[int] | None,
-                  n: int, steps: int, seed: int, weighting: str, guidance: float, solver: str | None,
-                  submitted: float) -> dict:
+                  n: int, prompt: str | None = None, steps: int, seed: int, weighting: str, guidance: float,
+                  solver: str | None, submitted: float) -> dict:
         if ticket.abandoned:
             raise Abandoned("the client went away while the request was queued")
         with self.forget_lock.shared():
@@ -359,15 +359,15 @@ class Engine:
             with self._stats_lock:
                 self.running += 1
             try:
-                return self._compute(ticket, resolve, classes=classes, n=n, steps=steps, seed=seed,
+                return self._compute(ticket, resolve, classes=classes, prompt=prompt, n=n, steps=steps, seed=seed,
                                      weighting=weighting, guidance=guidance, solver=solver, submitted=submitted)
             finally:
                 with self._stats_lock:
                     self.running -= 1
 
     def _compute(self, ticket: Ticket, resolve: Callable[[Store], list[str]], *, classes: list[int] | None,
-                 n: int, steps: int, seed: int, weighting: str, guidance: float, solver: str | None,
-                 submitted: float) -> dict:
+                 n: int, prompt: str | None = None, steps: int, seed: int, weighting: str, guidance: float,
+                 solver: str | None, submitted: float) -> dict:
         from ..attribution import weight_path_credit
         from ..operations import generate_from_store
         from ..viz import grid
@@ -379,6 +379,7 @@ class Engine:
         watched: list[_Watched] = []
         gen = generate_from_store(st, self.backbone, sources, labels=labels, n=n, weighting=weighting, solver=solver,
                                   steps=steps, guidance=guidance, seed=seed, batch_size=n,
+                                  captions=None if prompt is None else [prompt] * n,
                                   denoiser_hook=lambda eps: watched.append(_Watched(eps, ticket)) or watched[-1])
         images = gen.images
         k = len(sources)
@@ -410,7 +411,7 @@ class Engine:
             "sources": sources,
             "compartments": [{"cid": c.cid, "weights_sha256": c.weights_sha256} for c in gen.compartments],
             "weighting": weighting, "solver": gen.solver, "steps": steps, "seed": seed, "n": len(images),
-            "classes": classes, "guidance": gen.guidance,
+            "classes": classes, "prompt": prompt, "guidance": gen.guidance,
             "images": out_images,
             "grid_png": png_base64(grid(images, nrow=min(len(images), 8))),
             "weights_summary": "per image: time-averaged posterior weight of each source over all sampler calls "

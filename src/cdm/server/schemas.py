@@ -67,6 +67,7 @@ class GenerateResponse(BaseModel):
     seed: int
     n: int
     classes: list[int] | None
+    prompt: str | None = Field(None, description="the caption every image was drawn for (text compartments)")
     guidance: float
     images: list[ImageOut]
     grid_png: str = Field(description="base64 PNG grid of all images")
@@ -114,6 +115,9 @@ def make_schemas(limits: Limits, n_classes: int) -> Schemas:
         classes: list[int] | None = Field(
             None, max_length=limits.max_n,
             description=f"Class labels (0..{n_classes - 1}), cycled over the n images; null: unconditional.")
+        prompt: str | None = Field(
+            None, max_length=500, description="A caption (text-conditioned compartments): n images of it. Not with "
+                                              "classes.")
         n: int = Field(4, ge=1, le=limits.max_n, description="Number of images.")
         steps: int = Field(25, ge=1, le=limits.max_steps, description="Sampler steps.")
         seed: int = Field(0, ge=0, le=2**31 - 1)
@@ -121,7 +125,8 @@ def make_schemas(limits: Limits, n_classes: int) -> Schemas:
             "ito", description="How composition weights are obtained: " + "; ".join(
                 f"{k}: {REGISTRY[k].help}" for k in weighting_names()) + " (router, classifier and isolated need "
                 "their heads trained in the store; /v1/sources lists what the key's sources can run).")
-        guidance: float = Field(2.0, ge=1.0, le=10.0, description="Classifier-free guidance (conditional only).")
+        guidance: float = Field(2.0, ge=1.0, le=10.0, description="Classifier-free guidance (class or caption "
+                                                                   "conditional only).")
         solver: Literal[tuple(SOLVERS)] | None = Field(
             None, description="Default: what the weighting needs (ddpm, the ancestral solver, for ito over several "
                               "sources), else ddim.")

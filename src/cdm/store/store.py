@@ -88,6 +88,8 @@ MANIFEST_NAME = "manifest.json"
 WORK_RECORD_NAME = "cdm-work.json"
 SAMPLES_NAME = "source.npz"  # a source's own samples, under work/data.<source>/
 LATENTS_PREFIX = "latents-"  # work/data.<source>/latents-<content hash>-<autoencoder hash>.safetensors
+TEXT_PREFIX = "text-"  # work/data.<source>/text-<content hash>-<text encoder hash>.safetensors (caption embeddings)
+_DERIVED = {"latents": LATENTS_PREFIX, "text": TEXT_PREFIX}  # what is computed from a source's samples
 LOCK_NAME = ".lock"
 KINDS = ("compartment", "paragon", "router")  # the kinds cdm writes; any lower-case identifier is accepted
 
@@ -628,8 +630,9 @@ class Store:
                 db.execute("UPDATE sources SET content_hash = ?, n = ? WHERE id = ?", (content_hash, n, source_id))
                 self._audit(db, actor, "update-source", source_id, {"n_before": old["n"], "n_after": n})
             folder = self._wdir / self._data_folder(source_id)
-            for f in sorted(folder.glob(LATENTS_PREFIX + "*")) if folder.is_dir() else ():
-                f.unlink()  # latents of the old content: they hold the forgotten samples
+            derived = [f for prefix in _DERIVED.values() for f in folder.glob(prefix + "*")] if folder.is_dir() else []
+            for f in sorted(derived):
+                f.unlink()  # latents and caption embeddings of the old content: they hold the forgotten samples
             if folder.is_dir():
                 _fsync_dir(folder)
             self._vacuum()
@@ -924,12 +927,20 @@ class Store:
         content hash and the autoencoder's hash (``work/data.<source>/latents-<content>-<autoencoder>``). Forgetting
         the source deletes them with its samples; forgetting samples (:meth:`update_source_content`) deletes every
         latent file of the old content. The caller writes the file atomically (the folder exists)."""
+        return self.derived_file(source_id, "latents", content_hash=content_hash, model_hash=autoencoder_hash)
+
+    def derived_file(self, source_id: str, kind: str, *, content_hash: str, model_hash: str) -> Path:
+        """Where data computed from a source's samples by one model lives: ``kind`` "latents" (an autoencoder) or
+        "text" (caption embeddings of a text encoder), ``work/data.<source>/<kind>-<content>-<model>.safetensors``;
+        deleted with the samples exactly as :meth:`latents_file` says."""
         _check_hash("content_hash", content_hash)
-        _check_hash("autoencoder_hash", autoencoder_hash)
+        _check_hash("model_hash", model_hash)
+        if kind not in _DERIVED:
+            raise StoreError(f"unknown derived data {kind!r} (expected one of {', '.join(_DERIVED)})")
         folder = self.samples_file(source_id).parent
         if not folder.is_dir():
             raise StoreError(f"source '{source_id}' has no samples in {self.path}; re-add it")
-        return folder / f"{LATENTS_PREFIX}{content_hash[:32]}-{autoencoder_hash[:32]}.safetensors"
+        return folder / f"{_DERIVED[kind]}{content_hash[:32]}-{model_hash[:32]}.safetensors"
 
     def clear_work(self, cid: str) -> bool:
         """Delete the training state of ``cid``; True if there was any."""

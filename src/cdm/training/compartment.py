@@ -21,12 +21,13 @@ from ..compartments import Compartment, CompartmentConfig
 from ..data import Source
 from ..errors import DataError, TrainingError
 from ..provenance import git_commit, machine_info
+from ..text import CaptionEmbeddings, caption_embeddings
 from .checkpoint import load_checkpoint, save_checkpoint
 from .record import TrainingRecord
 from .common import deterministic_algorithms, lr_at, progress_bar, step_generator
 from .loss import draw_noise, eps_loss, held_out_loss
 
-__all__ = ["TrainingRecord", "canonical_index", "canonical_order", "check_source_fits", "model_space",
+__all__ = ["TrainingRecord", "caption_inputs", "canonical_index", "canonical_order", "check_source_fits", "model_space",
            "train_compartment", "training_record"]
 
 _TAG = "cdm-compartment"
@@ -58,6 +59,20 @@ def model_space(codec: Codec, source: Source, inputs: torch.Tensor | None = None
     return data, inputs[torch.from_numpy(order)]
 
 
+def caption_inputs(cfg: CompartmentConfig, source: Source, text: CaptionEmbeddings | None = None
+                   ) -> CaptionEmbeddings | None:
+    """A text compartment's caption embeddings in canonical order (``text``: the source's, in its own order, e.g.
+    cached in a store; else the config's encoder embeds them); None for other compartments."""
+    if not cfg.text:
+        return None
+    if text is None:
+        text = caption_embeddings(source.captions, cfg.text_encoder)
+    if text.encoder != cfg.text_encoder or tuple(text.rows.shape[:1]) != (len(source),):
+        raise DataError(f"{source.id}: caption embeddings of {text.encoder} for {text.rows.shape[0]} rows, expected "
+                        f"{cfg.text_encoder} for {len(source)}")
+    return text.subset(canonical_index(source))
+
+
 def split_validation(data: Source, share: float) -> tuple[np.ndarray, np.ndarray | None]:
     """(training rows, validation rows or None): the ``share`` of samples with the smallest hashes, at least one
     and never all; none when ``share`` is 0 or the source has fewer than 10 samples. Depends on content only."""
@@ -71,6 +86,9 @@ def split_validation(data: Source, share: float) -> tuple[np.ndarray, np.ndarray
 def check_source_fits(source: Source, compartment: Compartment) -> None:
     if len(source) == 0:
         raise DataError(f"{source.id}: the source is empty")
+    if compartment.config.text and source.captions is None:
+        raise DataError(f"{source.id}: a text-conditioned compartment needs captions (an .npz with a 'captions' "
+                        "array, or shipped data: emoji, digits, glyphs)")
     if compartment.config.conditional:
         if source.labels is None:
             raise DataError(f"{source.id}: a class-conditional compartment needs labels (or use --unconditional)")
@@ -89,6 +107,7 @@ def _train_compartment(
     progress: bool = True,
     on_batch: Callable[[np.ndarray], None] | None = None,
     inputs: torch.Tensor | None = None,
+    text: CaptionEmbeddings | None = None,
 ) -> tuple[Compartment | None, TrainingRecord]:
     """Train a compartment; returns ``(compartment, record)``, or ``(None, record)`` if ``max_minutes`` paused it.
 
@@ -100,12 +119,15 @@ def _train_compartment(
     comp = Compartment.for_backbone(backbone, cfg)
     check_source_fits(source, comp)
     data, x_all = model_space(backbone.codec, source, inputs)
+    captions = caption_inputs(cfg, source, text)  # in data's (canonical) order, or None
     train_idx, val_idx = split_validation(data, cfg.validation)
     val = None
     if val_idx is not None:
         val = (x_all[torch.from_numpy(val_idx)],
-               torch.tensor(data.labels[val_idx], dtype=torch.long) if cfg.conditional else None)
+               torch.tensor(data.labels[val_idx], dtype=torch.long) if cfg.conditional else None,
+               None if captions is None else captions.rows[torch.from_numpy(val_idx)])
         data, x_all = data.subset(train_idx, id=data.id), x_all[torch.from_numpy(train_idx)]
+        captions = None if captions is None else captions.subset(train_idx)
     y_all = torch.tensor(data.labels if data.labels is not None else np.zeros(len(data)), dtype=torch.long)
     comp.init_prompts(step_generator(_TAG + "/init", cfg.seed, 0))
     opt = torch.optim.Adam(comp.parameters(), lr=cfg.lr)
@@ -128,7 +150,8 @@ def _train_compartment(
         if val is None:
             return
         comp.eval()
-        loss = held_out_loss(comp.denoiser(backbone), val[0], backbone.schedule, y=val[1], draws=8, seed=cfg.seed)
+        loss = held_out_loss(comp.denoiser(backbone), val[0], backbone.schedule, y=val[1], draws=8, seed=cfg.seed,
+                             text=val[2])
         comp.train()
         if not curve or loss < min(v for _, v in curve):
             best.load_state_dict(comp.state_dict())
@@ -147,15 +170,17 @@ def _train_compartment(
             if on_batch is not None:
                 on_batch(data.images[idx.numpy()])
             x0, rows = x_all[idx], y_all[idx].clone()
+            cond = {}
             if cfg.conditional:
                 rows[torch.rand(cfg.batch_size, generator=g) < cfg.label_dropout] = comp.null_class
-            else:
-                rows.zero_()
+                cond["y"] = rows
+            elif captions is not None:  # the empty caption on a label_dropout share: the unconditional branch
+                drop = torch.rand(cfg.batch_size, generator=g) < cfg.label_dropout
+                cond["text"] = torch.where(drop[:, None], captions.empty[None], captions.rows[idx])
             t, noise = draw_noise(x0, backbone.schedule, g)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, lr=cfg.lr, warmup=cfg.warmup, steps=cfg.steps, schedule=cfg.lr_schedule)
-            y_in = rows if cfg.conditional else None
-            loss = eps_loss(comp.denoiser(backbone), x0, t, noise, backbone.schedule, y=y_in)
+            loss = eps_loss(comp.denoiser(backbone), x0, t, noise, backbone.schedule, **cond)
             if not torch.isfinite(loss):
                 raise TrainingError(f"loss is {loss.item()} at step {step} of compartment {source.id!r}; stopped"
                                     + (f" (last good checkpoint: step {last_save})" if ckpt else ""))
@@ -213,7 +238,8 @@ def train_compartment(backbone: Backbone, source: Source, cfg: CompartmentConfig
 
     Keywords: ``work_dir`` (resumable checkpoint; a finished run leaves it for the caller to clear),
     ``max_minutes``, ``progress``, ``on_batch``, ``inputs`` (the source's rows already in the backbone's space,
-    e.g. cached latents). The backbone is frozen and never written. Deterministic kernels
+    e.g. cached latents), ``text`` (a text compartment's caption embeddings, rows in the source's order, e.g.
+    cached in a store; default: embedded here). The backbone is frozen and never written. Deterministic kernels
     are on inside, restored after.
     """
     with deterministic_algorithms():

@@ -31,16 +31,17 @@ def eps_loss(eps: Denoiser, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tens
 
 @torch.no_grad()
 def held_out_loss(eps: Denoiser, x0: torch.Tensor, schedule: NoiseSchedule, *, y: torch.Tensor | None = None,
-                  draws: int = 4, seed: int = 0, batch_size: int = 500) -> float:
+                  draws: int = 4, seed: int = 0, batch_size: int = 500, text: torch.Tensor | None = None) -> float:
     """Mean denoising loss over ``draws`` fixed (t, noise) draws per sample: the same seed gives the same draws,
-    so two denoisers scored with one seed are compared on identical noise."""
+    so two denoisers scored with one seed are compared on identical noise. ``y`` / ``text``: per-sample labels
+    or caption embeddings."""
     g = torch.Generator().manual_seed(seed)
     total, count = 0.0, 0
     for _ in range(draws):
         t, noise = draw_noise(x0, schedule, g)
         for s in range(0, x0.shape[0], batch_size):
             sl = slice(s, s + batch_size)
-            cond = {} if y is None else {"y": y[sl]}
+            cond = {k: v[sl] for k, v in (("y", y), ("text", text)) if v is not None}
             total += eps_loss(eps, x0[sl], t[sl], noise[sl], schedule, reduction="none", **cond).sum().item()
             count += x0[sl].shape[0]
     return total / count

@@ -105,6 +105,8 @@ def generate_router(ctx: Context) -> APIRouter:
                     raise HTTPException(422, f"classes {bad} are not classes of this backbone (0..{n_classes - 1})")
                 if not req.classes:
                     raise HTTPException(422, "classes is empty: leave it out (null) for unconditional images")
+            if req.prompt is not None and (req.classes is not None or not req.prompt.strip()):
+                raise HTTPException(422, "prompt: a non-empty caption, and no classes with it")
             t_max = engine.backbone.schedule.num_train_timesteps
             if req.steps > t_max:
                 raise HTTPException(422, f"steps must be at most {t_max} (the backbone's noise schedule has {t_max})")
@@ -112,8 +114,8 @@ def generate_router(ctx: Context) -> APIRouter:
             resolve_solver(req.weighting, len(names), req.solver)  # fail fast, before the queue
             out = await engine.generate(key=key.name, resolve=partial(_resolve, token_of(request), key.name, req),
                                         is_gone=request.is_disconnected, ticket=ticket, classes=req.classes,
-                                        n=req.n, steps=req.steps, seed=req.seed, weighting=req.weighting,
-                                        guidance=req.guidance, solver=req.solver)
+                                        prompt=req.prompt, n=req.n, steps=req.steps, seed=req.seed,
+                                        weighting=req.weighting, guidance=req.guidance, solver=req.solver)
             status, outcome = 200, "ok"
             return out
         except HTTPException as e:
@@ -130,7 +132,8 @@ def generate_router(ctx: Context) -> APIRouter:
             raise
         finally:
             details = {"requested": req.sources, "sources": ticket.sources, "n": req.n, "steps": req.steps,
-                       "seed": req.seed, "weighting": req.weighting, "classes": req.classes, "status": status,
+                       "seed": req.seed, "weighting": req.weighting, "classes": req.classes, "prompt": req.prompt,
+                       "status": status,
                        "outcome": outcome[:300], "seconds": round(time.perf_counter() - t0, 4)}
             if out is not None:
                 details["queue_seconds"] = out["queue_seconds"]

@@ -130,12 +130,14 @@ async function generate(ev) {
     if (f.error) { setStatus(f.error, true); $(id).focus(); return; }
   }
   const cls = $("class").value;
+  const prompt = $("prompt").value.trim();
   const n = fields.n.value;
   const body = {
     sources, n, steps: fields.steps.value, seed: fields.seed.value,
     weighting: $("weighting").value,
-    classes: cls === "uncond" ? null : cls === "all" ? [...Array(limits.classes || 0).keys()] : [parseInt(cls, 10)],
+    classes: prompt || cls === "uncond" ? null : cls === "all" ? [...Array(limits.classes || 0).keys()] : [parseInt(cls, 10)],
   };
+  if (prompt) body.prompt = prompt;  // a caption: text-conditioned compartments draw it
   const mine = epoch;
   $("generate").disabled = true;
   setStatus("Generating " + n + " image(s) from " + sources.join(" + ") + "…");
@@ -153,7 +155,8 @@ async function generate(ev) {
       el.alt = "generated image " + img.index;
       const label = document.createElement("div");
       label.className = "label";
-      label.textContent = "#" + img.index + (img.label === null ? " · unconditional" : " · class " + img.label);
+      label.textContent = "#" + img.index + (out.prompt ? " · “" + out.prompt + "”"
+        : img.label === null ? " · unconditional" : " · class " + img.label);
       card.append(el, label);
       for (const [name, w] of Object.entries(img.weights)) card.append(weightRow(name, w));
       results.append(card);
