@@ -57,10 +57,11 @@ def half(artist: str, k: int):
     return load_source(f"emoji:{artist}/strat2-{k}")
 
 
-def held_out(artist: str, n: int, seed: int) -> dict:
-    """``n`` captions of the artist's held-out half, with their subcategory and category."""
-    src = half(artist, 1)
-    subs = half_subcategories(artist, 1)  # aligned with the split's rows
+def held_out(artist: str, n: int, seed: int, k: int = 1) -> dict:
+    """``n`` captions of the artist's held-out half (``k=0``: of its training half), with their subcategory and
+    category."""
+    src = half(artist, k)
+    subs = half_subcategories(artist, k)  # aligned with the split's rows
     pick = np.sort(np.random.default_rng(seed).choice(len(src), size=min(n, len(src)), replace=False))
     return {"captions": [src.captions[i] for i in pick], "sub": [int(subs[i]) for i in pick],
             "cat": [int(src.labels[i]) for i in pick], "artist": [artist] * len(pick)}
@@ -98,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=Path, default=Path("runs/text"))
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/text"))
+    ap.add_argument("--seen", action="store_true", help="add faithfulness['seen_captions'] to --out's results.json: "
+                    "the four-way composition on captions of its TRAINING halves (how much of the held-out gap is "
+                    "generalisation); needs the trained stores")
     ap.add_argument("--train-only", default=None, help="comma-separated stores (split4, split4-no-adapters, split2, "
                     "split1): train their compartments and stop (to train in parallel processes; then run without)")
     args = ap.parse_args(argv)
@@ -117,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             store_of(args.runs / name, bb, *stores[name])[0].close()
         return 0
 
-    evals = {a: held_out(a, args.per_artist, args.seed) for a in PROTECTED}
+    evals = {a: held_out(a, args.per_artist, args.seed, k=0 if args.seen else 1) for a in PROTECTED}
     captions = sum((evals[a]["captions"] for a in PROTECTED), [])
     sub = np.array(sum((evals[a]["sub"] for a in PROTECTED), []))
     cat = np.array(sum((evals[a]["cat"] for a in PROTECTED), []))
@@ -141,6 +145,19 @@ def main(argv: list[str] | None = None) -> int:
                 "category": round(float(np.mean(got_cat == want_cat)), 4),
                 "category_via_subcategory": round(float(np.mean(np.asarray(SUBCATEGORY_CATEGORY)[got_sub] == want_cat)),
                                                   4)}
+
+    if args.seen:
+        res = json.loads((args.out / "results.json").read_text())
+        st4, names4 = store_of(args.runs / "split4", bb, *stores["split4"])
+        seen = {"composed": faith(draw("composed-seen", st4, names4, caps=captions), sub, cat),
+                "naive": faith(draw("naive-seen", st4, names4, "naive", caps=captions), sub, cat),
+                "n": len(captions), "command": shlex.join([sys.executable.rsplit("/", 1)[-1], *sys.argv]),
+                "commit": git_commit(), "seconds": round(time.perf_counter() - t_start, 1)}
+        st4.close()
+        res["faithfulness"]["seen_captions"] = seen
+        atomic_write_json(args.out / "results.json", res)
+        print(json.dumps(seen, indent=1))
+        return 0
 
     res: dict = {"faithfulness": {}, "fid_vs_splits": {}, "adapters": {}, "artist": {}}
     print("training", flush=True)
