@@ -207,6 +207,24 @@ def test_pth_checkpoint_imports_reloads_strict_and_gives_identical_outputs(optio
         torch.testing.assert_close(out, reference_forward(ckpt, nnet, x, t, context), atol=1e-5, rtol=1e-4)
 
 
+def test_the_cli_imports_a_t2i_checkpoint(tmp_path):
+    from typer.testing import CliRunner
+
+    from cdm.cli.main import app
+
+    nnet = {"name": "uvit_t2i", **TINY}
+    torch.save(published(nnet, seed=3), tmp_path / "t.pth")
+    (tmp_path / "t.json").write_text(json.dumps({"nnet": nnet, "schedule": "linear"}))
+    res = CliRunner().invoke(app, ["import-uvit-t2i", str(tmp_path / "t.pth"), "--config", str(tmp_path / "t.json"),
+                                   "--out", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    assert "load it with cdm.backbone.load_uvit_t2i" in res.output
+    assert load_uvit_t2i(tmp_path / "out")[1]["kind"] == "cdm-uvit-t2i"
+    res = CliRunner().invoke(app, ["import-uvit", str(tmp_path / "t.pth"), "--config", "mscoco_uvit_small",
+                                   "--out", str(tmp_path / "o2")])
+    assert res.exit_code != 0 and "cdm import-uvit-t2i" in str(res.exception)
+
+
 def test_named_configs_are_checked_against_the_checkpoint(tmp_path):
     # mscoco_uvit_small's shapes at no cost (zero-stride tensors), imported as the Deep model: refused, shortly
     # (2 more in-blocks of 11 tensors, 2 more out-blocks of 13)
@@ -220,10 +238,10 @@ def test_named_configs_are_checked_against_the_checkpoint(tmp_path):
         import_uvit_t2i(tmp_path / "tiny.pth", "mscoco_uvit_small", tmp_path / "o")
     with pytest.raises(WeightsError, match="not a released text-to-image U-ViT config"):
         import_uvit_t2i(tmp_path / "tiny.pth", "cifar10_uvit_small", tmp_path / "o")
-    with pytest.raises(WeightsError, match="import it with import_uvit_t2i"):  # and the other way round
+    with pytest.raises(WeightsError, match="import it with `cdm import-uvit-t2i`"):  # and the other way round
         import_uvit(tmp_path / "tiny.pth", "mscoco_uvit_small", tmp_path / "o")
     (tmp_path / "label.json").write_text(json.dumps({"nnet": {"name": "uvit"}, "schedule": "linear"}))
-    with pytest.raises(WeightsError, match="'uvit' is not 'uvit_t2i': import it with import_uvit"):
+    with pytest.raises(WeightsError, match="'uvit' is not 'uvit_t2i': import it with `cdm import-uvit`"):
         import_uvit_t2i(tmp_path / "tiny.pth", tmp_path / "label.json", tmp_path / "o")
     (tmp_path / "extra.json").write_text(json.dumps({"nnet": {"name": "uvit_t2i"}, "schedule": "linear",
                                                      "null_class": 0}))

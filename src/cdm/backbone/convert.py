@@ -205,7 +205,7 @@ def resolve_uvit_config(spec: str | os.PathLike) -> tuple[str, dict]:
     if s in UVIT_RELEASES:
         return s, UVIT_RELEASES[s]
     if s in UVIT_T2I_RELEASES:
-        raise WeightsError(f"--config {s}: a text-to-image U-ViT (uvit_t2i): import it with import_uvit_t2i")
+        raise WeightsError(f"--config {s}: a text-to-image U-ViT (uvit_t2i): import it with `cdm import-uvit-t2i`")
     path = Path(s)
     if path.suffix.lower() != ".json" and not path.is_file():
         raise WeightsError(f"--config {s}: not a released U-ViT config ({', '.join(UVIT_RELEASES)}) nor a JSON file")
@@ -240,7 +240,7 @@ def _nnet_kwargs(rel: dict, where: str, name: str, defaults: dict) -> dict:
     nnet = dict(rel["nnet"])
     got = nnet.pop("name", name)
     if got != name:
-        hint = {"uvit": "import_uvit", "uvit_t2i": "import_uvit_t2i"}.get(got)
+        hint = {"uvit": "`cdm import-uvit`", "uvit_t2i": "`cdm import-uvit-t2i`"}.get(got)
         raise WeightsError(f"{where}: nnet name {got!r} is not {name!r}" + (f": import it with {hint}" if hint else ""))
     unknown = sorted(set(nnet) - set(defaults))
     if unknown:
