@@ -42,9 +42,9 @@ def attribute_samples(store: Store, backbone: Backbone, names: list[str], *, n: 
     comps = [load_compartment(store, backbone, nm) for nm in names]
     cond = {}
     if captions is not None:
-        from .generate import _embed
+        from .generate import caption_condition
 
-        cond["text"], _ = _embed(store, backbone, list(names), list(captions))
+        cond["text"], _ = caption_condition(store, list(names), list(captions))
         n, density = len(captions), "prompt-row" if density == "auto" else density
         if density != "prompt-row":
             raise CdmError("captioned samples are attributed with each compartment's caption-conditioned density "

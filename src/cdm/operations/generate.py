@@ -14,7 +14,7 @@ from ..store import Store, StoreError
 from .results import CompartmentUsed, Generation
 from .sources import load_compartment, source_data
 
-__all__ = ["class_counts", "compose", "generate_from_store"]
+__all__ = ["caption_condition", "class_counts", "compose", "generate_from_store"]
 
 def compose(store: Store, backbone: Backbone, names: list[str], *, weighting: str = "ito", threshold: float = 0.0,
             priors: list[float] | None = None, seed: int = 0, class_conditional_priors: bool = True):
@@ -89,7 +89,7 @@ def generate_from_store(store: Store | None, backbone: Backbone, sources: list[s
     if captions is not None:
         if labels is not None or not captions:
             raise CdmError("give captions or labels, not both, and at least one caption")
-        text, null_text = _embed(store, backbone, sources, captions)
+        text, null_text = caption_condition(store, sources, captions)
         n = None
     if sources:
         rows = {r["cid"]: r for r in store.compartments()}
@@ -130,7 +130,7 @@ def generate_from_store(store: Store | None, backbone: Backbone, sources: list[s
                       seconds=seconds, captions=None if captions is None else list(captions))
 
 
-def _embed(store: Store | None, backbone: Backbone, sources: list[str], captions: list[str]):
+def caption_condition(store: Store | None, sources: list[str], captions: list[str]):
     """``(embeddings (N, dim), empty caption's (dim,))`` with the encoder of the text compartments ``sources``."""
     from ..compartments import CompartmentConfig
     from ..text import caption_embeddings
