@@ -250,6 +250,8 @@ def test_the_service_draws_a_prompt(tiny, parts, tmp_path):
                                                            "prompt": "a handwritten three"}, token=token)
         assert status == 200, out
         assert out["prompt"] == "a handwritten three" and len(out["images"]) == 2
+        status, me = srv.request("GET", "/v1/sources", token=token)
+        assert status == 200 and all(s["text"] for s in me["sources"]), me
         status, out = srv.request("POST", "/v1/generate", {"sources": ["low"], "n": 1, "steps": 2, "prompt": "x",
                                                            "classes": [1]}, token=token)
         assert status == 422 and "no classes" in out["detail"]

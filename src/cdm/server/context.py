@@ -39,18 +39,21 @@ class Context:
         return st.sources(), {r["cid"] for r in st.compartments(kind="compartment")}
 
     @staticmethod
-    def learned(st: Store, name: str, ready: set[str]) -> bool | None:
-        """The compartment manifest's ``learned`` (False: training kept step 0, it equals the backbone); None
-        when it does not say or there is no compartment."""
+    def learned(st: Store, name: str, ready: set[str]) -> dict:
+        """From the compartment's manifest: ``learned`` (False: training kept step 0, it equals the backbone; None
+        when it does not say or there is no compartment) and ``text`` (it reads captions: send a ``prompt``)."""
         if name not in ready:
-            return None
+            return {"learned": None, "text": False}
         try:
-            value = st.compartment(name)["manifest"].get("learned")
+            manifest = st.compartment(name)["manifest"]
         except StoreError:  # forgotten meanwhile
-            return None
-        return value if isinstance(value, bool) else None
+            return {"learned": None, "text": False}
+        value = manifest.get("learned")
+        return {"learned": value if isinstance(value, bool) else None,
+                "text": bool((manifest.get("config") or {}).get("text_encoder"))}
 
-    def source_view(self, s: dict, ready: set[str], learned: bool | None = None) -> dict:
-        """A source as the API shows it (:class:`~cdm.server.schemas.SourceInfo`)."""
+    def source_view(self, s: dict, ready: set[str], facts: dict | None = None) -> dict:
+        """A source as the API shows it (:class:`~cdm.server.schemas.SourceInfo`); ``facts``: :meth:`learned`."""
+        facts = facts or {"learned": None, "text": False}
         return {"name": s["id"], "n": s["n"], "classes": s["classes"], "tags": s["tags"], "ready": s["id"] in ready,
-                "training": self.engine.active_job(s["id"]) is not None, "learned": learned}
+                "training": self.engine.active_job(s["id"]) is not None, **facts}

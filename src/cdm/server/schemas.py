@@ -26,6 +26,7 @@ class SourceInfo(BaseModel):
     training: bool = Field(description="a job is training its compartment now")
     learned: bool | None = Field(description="false: its training kept step 0, the compartment equals the "
                                              "backbone (it learnt nothing from the source); null: not recorded")
+    text: bool = Field(False, description="its compartment reads captions: generate with a prompt")
 
 
 class RequestLimits(BaseModel):

@@ -65,6 +65,7 @@ async function connect() {
       cb.type = "checkbox"; cb.value = s.name; cb.checked = s.ready; cb.disabled = !s.ready;
       let text = s.name + " (" + s.n + " samples" + (s.ready ? "" : ", training…") + ")";
       if (s.learned === false) text += " (learnt nothing: equals the backbone)";
+      if (s.text) text += " · reads prompts";
       label.append(cb, " ", text);
       label.style.borderLeft = "4px solid " + colorOf[s.name];
       label.style.paddingLeft = "4px";
