@@ -118,10 +118,10 @@ class _Pool:
         return len(self.x)
 
     def draw(self, k: torch.Tensor, g: torch.Generator, schedule: NoiseSchedule, cond_share: float,
-             null: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``x_t`` (B, C, S, S), ``t`` (B,) and ``y`` (B,) (the null class on unconditional rows; None when no
-        row is conditional) for rows drawn from sources ``k`` (B,). A pool with captions puts each conditional
-        row's caption embedding (the empty caption's on the others) in :attr:`last_text` (B, dim)."""
+             null: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """``x_t`` (B, C, S, S), ``t`` (B,), ``y`` (B,) (the null class on unconditional rows; None when no row
+        is conditional) and ``text`` (B, dim) (a pool with captions: each conditional row's caption embedding, the
+        empty caption's on the others; else None) for rows drawn from sources ``k`` (B,)."""
         b = k.shape[0]
         u = torch.rand(b, generator=g)
         x0 = torch.empty((b, *self.x[0].shape[1:]))
@@ -144,10 +144,10 @@ class _Pool:
         t = torch.randint(0, schedule.num_train_timesteps, (b,), generator=g)
         noise = torch.randn(x0.shape, generator=g)
         xt = schedule.add_noise(x0, noise, t)
-        self.last_text = None if text is None else torch.where((share & captioned)[:, None], text, self.empty)
+        text = None if text is None else torch.where((share & captioned)[:, None], text, self.empty)
         if null is None or not cond.any():
-            return xt, t, None
-        return xt, t, torch.where(cond, y, torch.full_like(y, null))
+            return xt, t, None, text
+        return xt, t, torch.where(cond, y, torch.full_like(y, null)), text
 
 
 def _balanced(n: int, b: int, g: torch.Generator) -> torch.Tensor:
@@ -273,7 +273,7 @@ def train_router(backbone: Backbone, compartments: Sequence[Compartment], source
 
         def draw(g: torch.Generator, b: int):
             k = _balanced(n, b, g)
-            return (*pool.draw(k, g, backbone.schedule, cfg.cond_share, null), pool.last_text, k)
+            return (*pool.draw(k, g, backbone.schedule, cfg.cond_share, null), k)
 
         def loss_fn(g: torch.Generator) -> torch.Tensor:
             xt, t, y, text, k = draw(g, cfg.batch_size)
@@ -352,7 +352,8 @@ def train_isolated_head(backbone: Backbone, compartment: Compartment, source: So
     tag = _TAG + "/isolated"
 
     def drawer(pool: _Pool):
-        return lambda g, m: pool.draw(torch.zeros(m, dtype=torch.long), g, backbone.schedule, cfg.cond_share, null)
+        return lambda g, m: pool.draw(torch.zeros(m, dtype=torch.long), g, backbone.schedule, cfg.cond_share,
+                                      null)[:3]  # no captions: isolated heads refuse text compartments
 
     def features(x, t, y):
         return bank(x, t, torch.zeros(x.shape[0], dtype=torch.long), y=y, return_mid=True)[1]
@@ -388,7 +389,7 @@ def train_noisy_classifier(schedule: NoiseSchedule, codec: Codec, sources: Seque
 
         def draw(g: torch.Generator, b: int):
             k = _balanced(n, b, g)
-            xt, t, _ = pool.draw(k, g, schedule, 0.0, None)
+            xt, t, _, _ = pool.draw(k, g, schedule, 0.0, None)
             return xt, t, k
 
         def loss_fn(g: torch.Generator) -> torch.Tensor:

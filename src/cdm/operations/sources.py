@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
@@ -88,6 +89,30 @@ def source_data(store: Store, name: str) -> Source:
     return load_npz(path, id=name)
 
 
+def _cached_rows(path: Path, want: dict, order: np.ndarray, key: str, shape: tuple, compute,
+                 extras: tuple[str, ...] = ()) -> tuple:
+    """Per-sample rows of a source (in the source's order) cached at ``path`` in content order (``order``), with
+    ``want`` as the file's metadata, beside the named ``extras`` tensors ``compute`` also returns. Read when the
+    metadata, the rows' shape and the extras' names match; else (missing, stale or damaged) computed by
+    ``compute() -> (rows, {extra: tensor})`` and saved. Rows are computed one sample at a time, so a cached row
+    equals a fresh one bit for bit. Returns ``(rows, {extra: tensor})``."""
+    index = torch.from_numpy(order)
+    if path.is_file():
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+            rows = tensors.pop(key)
+            if {k: meta.get(k) for k in want} == want and tuple(rows.shape) == shape and set(tensors) == set(extras):
+                out = torch.empty_like(rows)
+                out[index] = rows
+                return out, tensors
+        except (OSError, ValueError, KeyError, SafetensorError):
+            pass  # damaged: recompute below
+    rows, computed = compute()
+    save_state_dict(path, {key: rows[index].contiguous(), **computed}, metadata=want)
+    return rows, computed
+
+
 def model_inputs(store: Store, backbone: Backbone, name: str, source: Source | None = None) -> torch.Tensor | None:
     """Source ``name``'s samples in the backbone's space, rows in the source's order, for a latent backbone: read
     from the store's cache (``Store.latents_file``) or encoded once and cached. None for a pixel backbone (pixels
@@ -98,22 +123,10 @@ def model_inputs(store: Store, backbone: Backbone, name: str, source: Source | N
     codec = backbone.codec
     source = source if source is not None else source_data(store, name)
     path = store.latents_file(name, content_hash=source.content_hash, autoencoder_hash=codec.hash)
-    order = canonical_index(source)  # cached rows are in content order
     want = {"content_hash": source.content_hash, "autoencoder_hash": codec.hash, "n": str(len(source))}
     shape = (len(source), codec.model_channels, codec.model_size, codec.model_size)
-    if path.is_file():
-        try:
-            with safe_open(str(path), "pt") as f:
-                meta, z = f.metadata() or {}, f.get_tensor("latents")
-            if {k: meta.get(k) for k in want} == want and tuple(z.shape) == shape:
-                out = torch.empty_like(z)
-                out[torch.from_numpy(order)] = z
-                return out
-        except (OSError, ValueError, KeyError, SafetensorError):
-            pass  # damaged: recompute below
-    z = codec.encode(source.images)
-    save_state_dict(path, {"latents": z[torch.from_numpy(order)]}, metadata=want)
-    return z
+    return _cached_rows(path, want, canonical_index(source), "latents", shape,
+                        lambda: (codec.encode(source.images), {}))[0]
 
 
 def text_inputs(store: Store, name: str, encoder: str, source: Source | None = None):
@@ -128,22 +141,16 @@ def text_inputs(store: Store, name: str, encoder: str, source: Source | None = N
     dim = text_dim(encoder)  # unknown encoder: ValueError naming the known ones
     encoder_hash = TEXT_ENCODERS[encoder].hash
     path = store.derived_file(name, "text", content_hash=source.content_hash, model_hash=encoder_hash)
-    order = torch.from_numpy(canonical_index(source))
     want = {"content_hash": source.content_hash, "encoder": encoder, "encoder_hash": encoder_hash,
             "n": str(len(source))}
-    if path.is_file():
-        try:
-            with safe_open(str(path), "pt") as f:
-                meta, rows, empty = f.metadata() or {}, f.get_tensor("captions"), f.get_tensor("empty")
-            if {k: meta.get(k) for k in want} == want and tuple(rows.shape) == (len(source), dim):
-                out = torch.empty_like(rows)
-                out[order] = rows
-                return CaptionEmbeddings(out, empty, encoder)
-        except (OSError, ValueError, KeyError, SafetensorError):
-            pass  # damaged: recompute below
-    emb = caption_embeddings(source.captions, encoder)
-    save_state_dict(path, {"captions": emb.rows[order].contiguous(), "empty": emb.empty}, metadata=want)
-    return emb
+
+    def compute():
+        emb = caption_embeddings(source.captions, encoder)
+        return emb.rows, {"empty": emb.empty}
+
+    rows, extra = _cached_rows(path, want, canonical_index(source), "captions", (len(source), dim), compute,
+                               extras=("empty",))
+    return CaptionEmbeddings(rows, extra["empty"], encoder)
 
 
 def training_inputs(store: Store, backbone: Backbone, name: str, source: Source, cfg: CompartmentConfig) -> dict:
