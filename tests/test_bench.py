@@ -28,8 +28,19 @@ def test_toy_bench_writes_the_documented_schema(toy):
     for method in ("router", "isolated", "ito", "naive"):
         cell = res["two_domain"][method]
         assert 0 <= cell["confident_in_domain"] <= 1 and len(cell["domain_fraction"]) == 2
-    assert set(res["cost"]) == {"single", "dense2", "sparse2"}
+    assert set(res["cost"]) == {"single", "dense2", "sparse2", "dense2_classes", "sparse2_classes", "prior2_classes"}
     assert res["cost"]["dense2"]["evals"] == 2 * res["cost"]["single"]["evals"]
+    assert res["cost"]["dense2_classes"]["evals"] == 2 * res["cost"]["single"]["evals"]  # no class priors: dense
+    # class priors on disjoint class groups: one compartment per sample, from the first step
+    assert res["cost"]["prior2_classes"]["evals"] == res["cost"]["single"]["evals"]
+    assert set(res["table1_classes"]["2"]) == {"paragon", "router", "classifier", "isolated", "ito", "naive",
+                                               "single", "class_prior"}
+    assert res["table1_classes_detail"]["2"]["groups"] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+    u = res["unconditional_detail"]
+    assert res["unconditional_confident"] == u["mixture"]["confident"] and 0 <= u["null"]["confident"] <= 1
+    drawn = np.load(out / "samples" / "unconditional-classes2-mixture.npz")
+    assert drawn["labels"].shape == (20,) and set(drawn["labels"].tolist()) <= set(range(10))
+    assert "labels" not in np.load(out / "samples" / "unconditional-classes2-null.npz")
     assert set(res["forget"]) >= {"source_seconds", "sample_seconds", "paragon_seconds"}
     assert [r["n_sources"] for r in res["continual"]] == [1, 2, 1] and res["continual"][0]["fid_relative_to_one"] == 1
     assert set(res["memorization"]) == {"paragon", "router", "classifier", "isolated", "ito", "naive", "single"}
@@ -44,7 +55,7 @@ def test_toy_bench_writes_the_documented_schema(toy):
     assert 0 <= res["attribution"]["same_domain_entropy"] <= 1
     assert res["attribution"]["density"].startswith("class mixture")
     assert (out / "stores" / "two-domain-classes" / "registry.sqlite").exists()  # its own class-conditional pair
-    for f in ("report.md", "table1.png", "two_domain_weights.png", "continual.png", "credit.png"):
+    for f in ("report.md", "table1.png", "table1_classes.png", "two_domain_weights.png", "continual.png", "credit.png"):
         assert (out / f).stat().st_size > 0
     assert "Table 1 analog" in (out / "report.md").read_text()
 

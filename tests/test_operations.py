@@ -182,6 +182,37 @@ def test_class_priors_follow_the_stored_samples(tmp_path, backbone, parts):
         assert after[0, 3] == 0 and after[1, 3] == 1 and after[0, 2] == pytest.approx(counts[0, 2] / counts[:, 2].sum())
 
 
+def test_unconditional_images_follow_the_sources_class_mixture(tmp_path, backbone, parts):
+    from cdm.data import split_by_classes
+    from cdm.errors import CdmError
+    from cdm.operations import generate_from_store, mixture_labels
+
+    groups = split_by_classes(parts[0], [[0, 1, 2], [7]])  # two sources holding disjoint classes
+    with Store.create(tmp_path / "st") as st:
+        for j, part in enumerate(groups):
+            add_source(st, backbone, part, name=f"g{j}", cfg=CFG, progress=False)
+        comps = [load_compartment(st, backbone, n) for n in ("g0", "g1")]
+        drawn = mixture_labels(st, ["g0", "g1"], comps, 4000, seed=3)
+        counts = np.bincount(np.concatenate([p.labels for p in groups]), minlength=10)
+        np.testing.assert_allclose(np.bincount(drawn, minlength=10) / 4000, counts / counts.sum(), atol=0.03)
+        assert set(drawn.tolist()) == {0, 1, 2, 7}
+        kw = dict(n=6, weighting="ito", steps=2, seed=1)
+        mix = generate_from_store(st, backbone, ["g0", "g1"], **kw)
+        again = generate_from_store(st, backbone, ["g0", "g1"], **kw)
+        assert set(mix.labels.tolist()) <= {0, 1, 2, 7} and np.array_equal(mix.images, again.images)
+        assert mix.evals == 6 * 2  # class priors leave the one source holding each drawn class
+        null = generate_from_store(st, backbone, ["g0", "g1"], unconditional="null", **kw)
+        assert null.labels is None and null.evals == 2 * 6 * 2  # the null row: both sources, weighed by Ito
+        # the paper's naive: data shares for every class, so both compartments are evaluated for a labelled row
+        dense = generate_from_store(st, backbone, ["g0", "g1"], labels=[0, 7], weighting="naive", steps=2,
+                                    class_priors=False)
+        assert dense.evals == 2 * 2 * 2
+        one = generate_from_store(st, backbone, ["g1"], **kw)  # one compartment: its own classes only
+        assert set(one.labels.tolist()) == {7}
+        with pytest.raises(CdmError, match="unconditional must be one of"):
+            generate_from_store(st, backbone, ["g0", "g1"], unconditional="prior", **kw)
+
+
 def test_attribute_samples_uses_each_sources_class_mixture(tmp_path, backbone, parts):
     from cdm.errors import CdmError
     from cdm.operations import attribute_samples

@@ -106,20 +106,27 @@ def run_demo(out: Path, *, backbone: Path, classifier: Path, per_class: int = 10
         write_samples(out, "composed", imgs, lab, nrow=per_class)
         routed = float(np.mean(w[-1].argmax(1) == (lab >= 5)))
         j = judge(judge_net, imgs, lab)
-        # unconditional: no label, so no class prior; the Ito weights alone decide which source explains a sample
-        u_gen = generate_from_store(st, bb, list(DEMO_SOURCES), n=10 * per_class, weighting="ito", steps=50,
+        # unconditional, as users get it: each image's class drawn from the sources' pooled class counts
+        m_gen = generate_from_store(st, bb, list(DEMO_SOURCES), n=10 * per_class, weighting="ito", steps=50,
                                     seed=seed + 1)
+        write_samples(out, "composed-unconditional", m_gen.images, m_gen.labels, nrow=per_class)
+        m_conf = float((classify(judge_net, m_gen.images)[1] >= 0.8).mean())
+        # the null-class row: no label, so no class prior; the Ito weights alone decide which source explains it
+        u_gen = generate_from_store(st, bb, list(DEMO_SOURCES), n=10 * per_class, weighting="ito", steps=50,
+                                    seed=seed + 1, unconditional="null")
         u_imgs, u_w = u_gen.images, u_gen.weights
-        write_samples(out, "composed-unconditional", u_imgs, None, nrow=per_class)
+        write_samples(out, "composed-null-row", u_imgs, None, nrow=per_class)
         pred, prob, _ = classify(judge_net, u_imgs)
         confident = prob >= 0.8
         plot_weights(u_w[:, confident], pred[confident], out / "weights.png")
         agree = float(np.mean(u_w[-1].argmax(1)[confident] == (pred[confident] >= 5))) if confident.any() else None
         comps["composed"] = {"accuracy": round(j["accuracy"], 4), "routed_to_owner": round(routed, 4),
-                             "evals": u_gen.evals, "unconditional_confident": round(float(confident.mean()), 4),
-                             "unconditional_weight_agrees": None if agree is None else round(agree, 4)}
-        log(f"composed (ito): accuracy {j['accuracy']:.3f}; unconditional: {confident.mean():.1%} read confidently, "
-            f"of which {agree or 0:.1%} end with most weight on the compartment of their digit")
+                             "evals": u_gen.evals, "unconditional_confident": round(m_conf, 4),
+                             "null_row_confident": round(float(confident.mean()), 4),
+                             "null_row_weight_agrees": None if agree is None else round(agree, 4)}
+        log(f"composed (ito): accuracy {j['accuracy']:.3f}; unconditional (class drawn from the sources' mix): "
+            f"{m_conf:.1%} read confidently; null-class row: {confident.mean():.1%}, of which {agree or 0:.1%} end "
+            "with most weight on the compartment of their digit")
         # credit attribution: unconditional samples along the probability-flow ODE, each source's density the
         # mixture of its classes; which compartment made each sample, read from the path alone
         t0 = time.perf_counter()
@@ -196,16 +203,22 @@ from each source (Prop. 3.1). All ten digits asked for (ancestral sampler, 50 st
 
 ![composed samples](composed.png)
 
-Unconditional samples (no label, so no class prior): the Itô density estimator alone decides, from the sampling
-path, which source explains each sample ({10 * per_class} samples, 50 steps, no guidance, no training).
-{comp['unconditional_confident']:.1%} are read confidently as a digit by the classifier; of those,
-{(comp['unconditional_weight_agrees'] or 0):.1%} end with most weight on the compartment whose source holds that
-digit; {comp['evals']} denoiser evaluations.
+Unconditional samples, as `cdm sample --n` draws them from class-conditional compartments: each image's digit is
+drawn from the sources' pooled class counts, then drawn like the rows above ({10 * per_class} samples, 50 steps, no
+guidance). {comp['unconditional_confident']:.1%} are read confidently as a digit by the classifier.
 
 ![unconditional composed samples](composed-unconditional.png)
 
-The weight of the digits-0-4 compartment over the sampling steps, averaged over the confident unconditional
-samples by the digit they became (starts at lambda = 1/2, then each sample commits to a source):
+The compartments' null-class rows instead (`--unconditional null`: no label, so no class prior): the Itô density
+estimator alone decides, from the sampling path, which source explains each sample (no training). The null row
+stays close to the public backbone, so only {comp['null_row_confident']:.1%} are read confidently; of those,
+{(comp['null_row_weight_agrees'] or 0):.1%} end with most weight on the compartment whose source holds that
+digit; {comp['evals']} denoiser evaluations.
+
+![null-row composed samples](composed-null-row.png)
+
+The weight of the digits-0-4 compartment over the sampling steps, averaged over the confident null-row samples
+by the digit they became (starts at lambda = 1/2, then each sample commits to a source):
 
 ![weights](weights.png)
 

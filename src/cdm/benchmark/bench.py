@@ -10,11 +10,11 @@ import numpy as np
 from .. import operations as ops
 from ..backbone import Backbone
 from ..compartments import CompartmentConfig
-from ..data import load_source, public_protected, split_stratified
+from ..data import load_source, public_protected, split_by_classes, split_stratified
 from ..evaluation import DigitClassifier, FIDScorer
 from ..store import Store
 from ..viz import write_samples
-from .profiles import DOMAINS, BenchProfile
+from .profiles import DOMAINS, BenchProfile, class_groups
 
 __all__ = ["Bench"]
 
@@ -41,16 +41,17 @@ class Bench:
 
     def sample(self, st: Store, sources: list[str], name: str, *, weighting: str = "ito",
                labels: np.ndarray | None = None, n: int | None = None, priors: list[float] | None = None,
-               threshold: float = 0.0) -> dict:
+               threshold: float = 0.0, class_priors: bool = True, unconditional: str = "mixture") -> dict:
         """Generate from stored ``sources`` (:func:`cdm.operations.generate_from_store`; every method on the
         ancestral solver, so methods differ only in their weights), save ``samples/<name>.npz``, return FID /
         seconds / evaluations (and ``_trajectory``, the weights, for a composition)."""
         gen = ops.generate_from_store(st, self.bb, sources, labels=labels, n=n, weighting=weighting, solver="ddpm",
                                       steps=self.p.sample_steps, guidance=self.p.guidance, seed=self.p.seed + 1,
-                                      compose_seed=self.p.seed, bf16=self.p.bf16, priors=priors, threshold=threshold)
+                                      compose_seed=self.p.seed, bf16=self.p.bf16, priors=priors, threshold=threshold,
+                                      class_priors=class_priors, unconditional=unconditional)
         images = gen.images
-        write_samples(self.out / "samples", name, images, labels, nrow=max(1, len(images) // 10) if labels is not None
-                      else 20)
+        write_samples(self.out / "samples", name, images, gen.labels,
+                      nrow=max(1, len(images) // 10) if labels is not None else 20)
         res = {"fid": round(self.scorer(images), 3), "seconds": round(gen.seconds, 1),
                "evals": gen.evals if gen.evals is not None else len(images) * self.p.sample_steps}
         if gen.weights is not None:
@@ -64,6 +65,21 @@ class Bench:
         names, seconds = [], {}
         for j, src in enumerate(split_stratified(self.protected, k)):
             name = f"s{j}"
+            names.append(name)
+            if name not in have:
+                t0 = time.perf_counter()
+                ops.add_source(st, self.bb, src, name=name, cfg=self.cfg(self.p.budget // k), progress=self.progress)
+                seconds[name] = round(time.perf_counter() - t0, 1)
+        return st, names, seconds
+
+    def class_group_store(self, k: int) -> tuple[Store, list[str], dict]:
+        """The store of the K-way class-group split (the classes divided among K sources, :func:`class_groups`),
+        one compartment per group with the fair budget ``budget // k`` (resumes)."""
+        st = self.store(f"classes{k}")
+        have = {r["cid"] for r in st.compartments()}
+        names, seconds = [], {}
+        for j, src in enumerate(split_by_classes(self.protected, class_groups(k))):
+            name = f"g{j}"
             names.append(name)
             if name not in have:
                 t0 = time.perf_counter()

@@ -58,7 +58,7 @@ def plot_two_domain(paths: dict, path: Path, steps: int) -> None:
     _save(fig, path)
 
 
-def plot_table1(table: dict, path: Path) -> None:
+def plot_table1(table: dict, path: Path, splits: str = "stratified") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -66,13 +66,13 @@ def plot_table1(table: dict, path: Path) -> None:
 
     ks = sorted(table, key=int)
     fig, ax = plt.subplots(figsize=(5, 3.4))
-    for method in ("paragon", *METHODS):
+    for method in dict.fromkeys(("paragon", *METHODS, *table[ks[0]])):
         if any(method not in table[k] for k in ks):
             continue  # (a run from before the method was benchmarked)
         ax.plot([int(k) for k in ks], [table[k][method] for k in ks], marker="o", label=method,
                 linestyle="--" if method == "paragon" else "-")
     ax.set_xticks([int(k) for k in ks])
-    ax.set_xlabel("number of sources (stratified splits)")
+    ax.set_xlabel(f"number of sources ({splits} splits)")
     ax.set_ylabel("FID (classifier features)")
     ax.legend(fontsize=7)
     _save(fig, path)

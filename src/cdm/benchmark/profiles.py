@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
+
 from ..composition.registry import names as weighting_names
 from ..store import Store
 
-__all__ = ["DOMAINS", "METHODS", "PROFILES", "BenchProfile", "selection", "with_overrides"]
+__all__ = ["DOMAINS", "METHODS", "PROFILES", "BenchProfile", "class_groups", "selection", "with_overrides"]
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,7 @@ class BenchProfile:
     two_domain_n: int = 200  # unconditional samples per two-domain weighting
     continual_n: int = 200  # samples per continual / drop step
     threshold: float = 0.01  # sparse gating: compartments below this weight are skipped
+    class_threshold: float = 0.3  # sparse gating on class-group splits (the router's weights are near one-hot there)
     dp_steps: int = 300  # steps of each DP / non-DP unconditional compartment on all protected digits
     dp_epsilons: tuple[float, ...] = (3.0, 8.0)  # DP-SGD targets (plus one compartment without DP)
     attribution_n: int = 100  # unconditional samples attributed per setting
@@ -48,15 +51,21 @@ DOMAINS = {  # the two-domain parts' sources: digits 0-4 and 5-9
 }
 
 
+def class_groups(k: int, classes: int = 10) -> list[list[int]]:
+    """The classes divided among ``k`` sources as evenly as they go (10 into 8: [0,1], [2,3], [4], ... [9]): the
+    paper's Table 1 "split uniformly across classes"."""
+    return [g.tolist() for g in np.array_split(np.arange(classes), k)]
+
+
 def with_overrides(profile: BenchProfile, **kw) -> BenchProfile:
     return replace(profile, **{k: v for k, v in kw.items() if v is not None})
 
 
-def selection(out: Path, profile: BenchProfile) -> dict:
+def selection(out: Path, profile: BenchProfile, prefix: str = "k") -> dict:
     """Per split: the step each compartment kept (validation; 0 means it is exactly the backbone)."""
     res = {}
     for k in profile.splits:
-        path = out / "stores" / f"k{k}"
+        path = out / "stores" / f"{prefix}{k}"
         if not (path / "registry.sqlite").exists():
             continue
         with Store.open(path) as st:

@@ -52,7 +52,10 @@ def run_bench(profile: str | BenchProfile, out: str | Path, *, backbone: str | P
         "paragon": lambda: part_fns.paragon(bench),
         "table1": lambda: part_fns.table1(bench, need("paragon")["paragon"]),
         "two_domain": lambda: part_fns.two_domain(bench),
-        "cost": lambda: part_fns.cost(bench, need("table1")["table1_detail"]),
+        "table1_classes": lambda: part_fns.table1_classes(bench, need("paragon")["paragon"]),
+        "cost": lambda: part_fns.cost(bench, need("table1")["table1_detail"],
+                                      need("table1_classes")["table1_classes_detail"]),
+        "unconditional": lambda: part_fns.unconditional(bench),
         "continual": lambda: part_fns.continual(bench),
         "forget": lambda: part_fns.forget(bench, need("paragon")["paragon"]["train_seconds"]),
         "memorization": lambda: (need("table1"), part_fns.memorization(bench))[1],
@@ -71,6 +74,9 @@ def run_bench(profile: str | BenchProfile, out: str | Path, *, backbone: str | P
     if "table1" in results:
         plot_table1(results["table1"], out / "table1.png")
         results["table1_selection"] = selection(out, profile)
+    if "table1_classes" in results:
+        plot_table1(results["table1_classes"], out / "table1_classes.png", "class-group")
+        results["table1_classes_selection"] = selection(out, profile, prefix="classes")
     atomic_write_json(out / "results.json", results)
     atomic_write_bytes(out / "report.md", report(results).encode())
     return results

@@ -9,7 +9,7 @@ the benchmark and the demo call these and only display what they return (typed r
 """
 
 from .attribution import DENSITIES, attribute_samples, class_mixture_bank
-from .generate import class_counts, compose, generate_from_store
+from .generate import UNCONDITIONAL, class_counts, compose, generate_from_store, mixture_labels
 from .learned import (ISOLATED_KIND, LEARNED_WEIGHTINGS, ROUTER_CIDS, head_cid, load_weighting, runnable_weightings,
                       train_heads, train_isolated_op, train_router_op)
 from .results import (Added, Attribution, CompartmentUsed, Generation, HeadsTrained, Retrain, SamplesForgotten,
@@ -19,8 +19,8 @@ from .sources import (PARAGON, add_source, add_source_dp, check_add, forget_samp
 
 __all__ = ["Added", "Attribution", "CompartmentUsed", "DENSITIES", "Generation", "HeadsTrained", "ISOLATED_KIND",
            "LEARNED_WEIGHTINGS", "PARAGON", "ROUTER_CIDS", "Retrain", "SamplesForgotten", "SourceForgotten",
-           "StoredCompartment", "add_source", "add_source_dp", "attribute_samples", "check_add", "class_counts",
-           "class_mixture_bank", "compose", "forget_samples", "forget_source", "generate_from_store", "head_cid",
-           "license_tags", "load_compartment", "load_weighting", "model_inputs", "paragon_config",
-           "runnable_weightings", "source_data", "store_backbone", "train_heads", "train_isolated_op", "train_paragon",
-           "train_router_op"]
+           "StoredCompartment", "UNCONDITIONAL", "add_source", "add_source_dp", "attribute_samples", "check_add",
+           "class_counts", "class_mixture_bank", "compose", "forget_samples", "forget_source", "generate_from_store",
+           "head_cid", "license_tags", "load_compartment", "load_weighting", "mixture_labels", "model_inputs",
+           "paragon_config", "runnable_weightings", "source_data", "store_backbone", "train_heads",
+           "train_isolated_op", "train_paragon", "train_router_op"]

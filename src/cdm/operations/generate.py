@@ -14,10 +14,13 @@ from ..store import Store, StoreError
 from .results import CompartmentUsed, Generation
 from .sources import load_compartment, source_data
 
-__all__ = ["caption_condition", "class_counts", "compose", "generate_from_store"]
+__all__ = ["UNCONDITIONAL", "caption_condition", "class_counts", "compose", "generate_from_store", "mixture_labels"]
+
+UNCONDITIONAL = ("mixture", "null")  # how unconditional images are drawn from class-conditional compartments
 
 def compose(store: Store, backbone: Backbone, names: list[str], *, weighting: str = "ito", threshold: float = 0.0,
-            priors: list[float] | None = None, seed: int = 0, class_conditional_priors: bool = True):
+            priors: list[float] | None = None, seed: int = 0, class_conditional_priors: bool = True,
+            compartments: list[Compartment] | None = None):
     """A composed denoiser over stored compartments (default priors: proportional to source size).
 
     ``weighting``: ``ito``, ``naive``, ``single``, or a learned one read from the store: ``router`` (stored cid
@@ -33,7 +36,7 @@ def compose(store: Store, backbone: Backbone, names: list[str], *, weighting: st
     spec(weighting)  # unknown -> CdmError naming the known ones
     if not names:
         raise CdmError("no sources to compose")
-    comps = [load_compartment(store, backbone, n) for n in names]
+    comps = compartments if compartments is not None else [load_compartment(store, backbone, n) for n in names]
     if priors is None:
         priors = [float(store.source(n)["n"]) for n in names]
     class_priors = class_counts(store, names, comps) if class_conditional_priors else None
@@ -69,20 +72,31 @@ def generate_from_store(store: Store | None, backbone: Backbone, sources: list[s
                         steps: int = 50, guidance: float = 1.0, seed: int = 0, threshold: float = 0.0,
                         priors: list[float] | None = None, bf16: bool = False, batch_size: int = 250,
                         progress: bool = False, denoiser_hook=None, compose_seed: int | None = None,
-                        captions: list[str] | None = None) -> Generation:
+                        captions: list[str] | None = None, class_priors: bool = True,
+                        unconditional: str = "mixture") -> Generation:
     """The one way to generate: from the backbone (no sources), one compartment (its own denoiser), or the
     composition of stored compartments ``sources`` with ``weighting``. Class-conditional with ``labels`` (one
     image per label), text-conditioned with ``captions`` (one image per caption; text compartments only, embedded
     with their encoder; guidance's unconditional branch is the empty caption), else ``n`` unconditional images.
     ``solver`` None: what the weighting needs (:func:`~cdm.composition.registry.resolve_solver`).
     ``denoiser_hook(eps) -> eps`` wraps the denoiser (the service watches it for divergence). ``compose_seed``:
-    the seed of the composition's own draws (the single weighting's choice of source; default ``seed``)."""
+    the seed of the composition's own draws (the single weighting's choice of source; default ``seed``).
+
+    ``class_priors``: class-conditional compositions weight source i for class y by its share of class y
+    (lambda_i(y), the default); False uses the sources' data shares for every class (the paper's naive baseline
+    then mixes compartments that never saw y). ``unconditional``: how ``n`` unconditional images are drawn from
+    class-conditional compartments. ``"mixture"`` (default) draws each image's class from the sources' pooled
+    class counts (seeded by ``compose_seed``) and generates it class-conditionally, so the images follow the
+    sources' own class mixture; ``"null"`` uses the compartments' null-class prompt row, which stays close to the
+    public backbone (few confident samples; measured in the benchmark's ``unconditional`` part)."""
     from ..composition.registry import resolve_solver
     from ..generation import generate
 
     sources = list(dict.fromkeys(sources))
     if sources and store is None:
         raise CdmError("sources given without a store")
+    if unconditional not in UNCONDITIONAL:
+        raise CdmError(f"unconditional must be one of {', '.join(UNCONDITIONAL)}, got {unconditional!r}")
     solver = resolve_solver(weighting, len(sources), solver)
     composed, used, eps = None, [], backbone.eps
     text = null_text = None
@@ -93,12 +107,16 @@ def generate_from_store(store: Store | None, backbone: Backbone, sources: list[s
         n = None
     if sources:
         rows = {r["cid"]: r for r in store.compartments()}
+        comps = [load_compartment(store, backbone, s) for s in sources]
         if len(sources) == 1:  # one compartment: its own denoiser, nothing to weigh
-            eps = load_compartment(store, backbone, sources[0]).denoiser(backbone)
+            eps = comps[0].denoiser(backbone)
         else:
             composed = compose(store, backbone, sources, weighting=weighting, threshold=threshold, priors=priors,
-                               seed=seed if compose_seed is None else compose_seed)
+                               seed=seed if compose_seed is None else compose_seed,
+                               class_conditional_priors=class_priors, compartments=comps)
         used = [CompartmentUsed(s, rows[s]["weights_sha256"]) for s in sources]
+        if labels is None and text is None and unconditional == "mixture":
+            labels = mixture_labels(store, sources, comps, n, seed if compose_seed is None else compose_seed)
     tally = _Tally(composed) if composed is not None else None
     eps = tally if tally is not None else eps
     if denoiser_hook is not None:
@@ -167,6 +185,21 @@ def class_counts(store: Store, names: list[str], comps: list[Compartment]) -> np
             _COUNTS[key] = np.bincount(labels, minlength=counts.shape[1])[: counts.shape[1]]
         counts[i] = _COUNTS[key]
     return counts
+
+
+def mixture_labels(store: Store, names: list[str], comps: list[Compartment], n: int | None,
+                   seed: int) -> np.ndarray | None:
+    """``n`` classes drawn from the pooled class counts of sources ``names`` (seeded), for unconditional images from
+    class-conditional compartments; None when they are not class-conditional (their own unconditional row is
+    then the only one) or their labels are not held."""
+    counts = class_counts(store, names, comps)
+    if counts is None or n is None:
+        return None
+    if n < 1:
+        raise CdmError(f"n must be at least 1, got {n}")
+    pooled = counts.sum(0)
+    rng = np.random.default_rng(seed)
+    return rng.choice(len(pooled), size=int(n), p=pooled / pooled.sum()).astype(np.int64)
 
 
 # Class counts by (source content hash, classes): compose() runs per service request and must not reread every

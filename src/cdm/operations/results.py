@@ -94,7 +94,7 @@ class Generation:
     """What :func:`generate_from_store` made, and how."""
 
     images: np.ndarray  # uint8, as the source data is stored (N, H, W)
-    labels: np.ndarray | None  # the class of each image, None for unconditional images
+    labels: np.ndarray | None  # each image's class (unconditional from class compartments: drawn), else None
     sources: list[str]  # the composed sources, in weight-column order (empty: the backbone alone)
     compartments: list[CompartmentUsed]
     weighting: str | None  # None for the backbone or one compartment alone
