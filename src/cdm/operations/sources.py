@@ -11,6 +11,7 @@ by the source's content hash and the autoencoder's hash; they go wherever its sa
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
@@ -28,9 +29,10 @@ from ..training.compartment import canonical_index, check_source_fits, train_com
 from ..training.record import TrainingRecord
 from .results import Added, Retrain, SamplesForgotten, SourceForgotten, StoredCompartment
 
-__all__ = ["PARAGON", "add_source", "add_source_dp", "check_add", "forget_samples", "forget_source", "license_tags",
-           "load_compartment", "model_inputs", "paragon_config", "require_store_backbone", "source_data",
-           "store_backbone", "train_paragon"]
+__all__ = ["PARAGON", "add_source", "add_source_dp", "check_add", "check_trainable", "forget_samples", "forget_source",
+           "imported_refusal", "license_tags", "load_compartment", "model_inputs", "paragon_config",
+           "register_source", "require_store_backbone", "source_data", "store_backbone", "store_trained",
+           "train_paragon", "train_source", "training_inputs"]
 
 PARAGON = "paragon"
 
@@ -85,6 +87,9 @@ def source_data(store: Store, name: str) -> Source:
     """The samples of a registered source, as kept in the store."""
     path = store.samples_file(name)  # unknown source -> StoreError
     if not path.is_file():
+        if not store.source(name).get("data_held", True):
+            raise StoreError(f"source '{name}' was imported from a compartment bundle: this store does not hold its "
+                             "samples, so nothing here can train on them (its owner trains, then `cdm import`s)")
         raise StoreError(f"source '{name}' has no stored samples (it was added without them)")
     return load_npz(path, id=name)
 
@@ -172,17 +177,22 @@ def load_compartment(store: Store, backbone: Backbone, cid: str) -> Compartment:
 
 def _put(store: Store, cid: str, comp: Compartment, record: TrainingRecord, *, kind: str, sources: list[str],
          backbone: Backbone, actor: str | None) -> StoredCompartment:
-    manifest = {**record.to_dict(), "kind": kind}
-    row = store.put_compartment(cid, comp.tensors(), manifest, kind=kind, sources=sources,
-                                backbone_hash=backbone.hash, actor=actor)
+    return _put_tensors(store, cid, comp.tensors(), record.to_dict(), kind=kind, sources=sources,
+                        backbone_hash=backbone.hash, actor=actor)
+
+
+def _put_tensors(store: Store, cid: str, tensors: dict[str, torch.Tensor], manifest: dict, *, kind: str,
+                 sources: list[str], backbone_hash: str, actor: str | None) -> StoredCompartment:
+    row = store.put_compartment(cid, tensors, {**manifest, "kind": kind}, kind=kind, sources=sources,
+                                backbone_hash=backbone_hash, actor=actor)
     store.clear_work(cid)
     return StoredCompartment.from_row(row)
 
 
-def check_add(backbone: Backbone, source: Source, *, name: str, cfg: CompartmentConfig, dp=None) -> None:
-    """Everything :func:`add_source` checks that needs no store: the name, the source against the compartment
-    config and the backbone (image spec, labels, classes), a DP budget. The CLI calls it before it creates a store."""
-    check_source_name(name)
+def check_trainable(backbone: Backbone, source: Source, *, cfg: CompartmentConfig, dp=None) -> None:
+    """Everything training a compartment of ``source`` on ``backbone`` checks before it starts, with no store and
+    no name: the source against the compartment config and the backbone (image spec, labels, classes, captions), a
+    DP budget. ``cdm train-compartment`` (a data owner's machine) calls it before anything is written."""
     if len(source) == 0:
         raise CdmError(f"{source.id}: the source is empty")
     if source.spec != backbone.codec.spec:
@@ -193,9 +203,23 @@ def check_add(backbone: Backbone, source: Source, *, name: str, cfg: Compartment
         raise CdmError("DP-SGD trains prompt tables only: text-conditioned compartments and adapters are not "
                        "supported with --dp yet")
     if dp is not None:
-        from ..privacy import calibrate
+        _calibrate(dp.epsilon, dp.delta_for(len(source)), cfg.batch_size / len(source), cfg.steps, dp.accountant)
 
-        calibrate(dp.epsilon, dp.delta_for(len(source)), cfg.batch_size / len(source), cfg.steps, dp.accountant)
+
+@functools.lru_cache(maxsize=256)
+def _calibrate(epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
+    """:func:`cdm.privacy.calibrate`, remembered: checking many sources of one size (``cdm add-many``) searches the
+    noise multiplier once (a search takes seconds)."""
+    from ..privacy import calibrate
+
+    return calibrate(epsilon, delta, sample_rate, steps, accountant)
+
+
+def check_add(backbone: Backbone, source: Source, *, name: str, cfg: CompartmentConfig, dp=None) -> None:
+    """Everything :func:`add_source` checks that needs no store: the name, then :func:`check_trainable`. The CLI
+    calls it before it creates a store."""
+    check_source_name(name)
+    check_trainable(backbone, source, cfg=cfg, dp=dp)
 
 
 def add_source(store: Store, backbone: Backbone, source: Source, *, name: str, cfg: CompartmentConfig,
@@ -217,26 +241,78 @@ def add_source(store: Store, backbone: Backbone, source: Source, *, name: str, c
     A source of known licence (shipped emoji: :func:`cdm.data.license_of`) is tagged ``license:<SPDX>`` unless
     ``tags`` names a licence already, so a key can be granted by licence (``cdm keys create --tags``)."""
     check_add(backbone, source, name=name, cfg=cfg, dp=dp)
-    tags = license_tags(source, tags)
+    check_registrable(store, backbone, source, name)
+    register_source(store, backbone, source, name=name, tags=tags, actor=actor)
+    kwargs = dict(work_dir=store.work_dir(name, sources=[name]), max_minutes=max_minutes, progress=progress,
+                  **training_inputs(store, backbone, name, source, cfg))
+    comp, record = train_source(backbone, source, cfg, dp, **kwargs)
+    if comp is None:
+        record.source.update(spec=source.id, id=name)
+        return Added(record, None)
+    return Added(record, store_trained(store, backbone, name, comp.tensors(), record, spec=source.id, actor=actor))
+
+
+def check_registrable(store: Store, backbone: Backbone, source: Source, name: str) -> None:
+    """What :func:`register_source` would refuse, checked without writing: a name that has a compartment already,
+    one registered with other content, a backbone that is not the store's."""
     existing = {r["cid"] for r in store.compartments()}
     if name in existing:
         raise StoreError(f"source '{name}' already has a compartment; forget it first or choose another name")
+    require_store_backbone(store, backbone)
+    if name in {s["id"] for s in store.sources()}:
+        have = store.source(name)
+        if have["content_hash"] != source.content_hash or have["n"] != len(source):
+            raise StoreError(f"source '{name}' is already registered with other content; forget it first to "
+                             "replace it")
+        if not have.get("data_held", True):
+            raise StoreError(f"source '{name}' is an imported one (its data is not held here): `cdm import` a new "
+                             "bundle to replace it, or forget it first")
+
+
+def register_source(store: Store, backbone: Backbone, source: Source, *, name: str, tags: tuple[str, ...] = (),
+                    actor: str | None = None) -> None:
+    """The driver's first writes for a new source: the store's backbone (once), the source registered as
+    incomplete (``pending``: listed as such until its compartment is stored) with its tags (and licence tag), and
+    its samples kept in the store. Idempotent for the same content (a resumed add)."""
     have = require_store_backbone(store, backbone)
     if have is None or have["ref"] is None:
         store.set_backbone(backbone.hash, backbone.ref, actor=actor)
     store.add_source(name, content_hash=source.content_hash, n=len(source), classes=list(source.classes),
-                     tags=tags, actor=actor, pending=True)
+                     tags=license_tags(source, tags), actor=actor, pending=True)
     data_path = store.samples_file(name, create=True)
     if not data_path.exists():
         source.to_npz(data_path)
-    kwargs = dict(work_dir=store.work_dir(name, sources=[name]), max_minutes=max_minutes, progress=progress,
-                  **training_inputs(store, backbone, name, source, cfg))
-    comp, record = _train(backbone, source, cfg, dp, **kwargs)
-    record.source.update(spec=source.id, id=name)
-    if comp is None:
-        return Added(record, None)
-    return Added(record, _put(store, name, comp, record, kind="compartment", sources=[name], backbone=backbone,
-                              actor=actor))
+
+
+def train_source(backbone: Backbone, source: Source, cfg: CompartmentConfig, dp=None, **kwargs
+                 ) -> tuple[Compartment | None, TrainingRecord]:
+    """The pure step of adding a source: train its compartment, touching no store. ``dp``: a
+    :class:`~cdm.privacy.DPConfig` trains with DP-SGD. Keywords go to the training loop (``inputs``, ``text``,
+    ``work_dir``, ``max_minutes``, ``progress``, ``on_batch``: plain training only). Returns ``(compartment,
+    record)``, or ``(None, record)`` when ``max_minutes`` paused it. Deterministic: the same (backbone, source
+    content, config, seed) gives the same tensors bit for bit, on whatever machine or worker process runs it
+    (same thread count and device kind); :func:`add_source`, ``cdm add-many`` (as Ray tasks) and ``cdm
+    train-compartment`` all train through it."""
+    return _train(backbone, source, cfg, dp, **kwargs)
+
+
+def store_trained(store: Store, backbone: Backbone, name: str, tensors: dict[str, torch.Tensor],
+                  record: TrainingRecord, *, spec: str, actor: str | None = None,
+                  extra: dict | None = None) -> StoredCompartment:
+    """The driver's last write for a source: its trained compartment (tensors and training record, as
+    :func:`train_source` returned them, possibly from another process) stored under ``name``, which completes the
+    source; its training state is cleared. The record must be of this backbone and of the source's registered
+    content. ``extra``: more manifest keys (an import's provenance)."""
+    have = store.source(name)
+    if record.backbone_hash != backbone.hash:
+        raise CdmError(f"compartment of '{name}' was trained on backbone {record.backbone_hash[:12]}, not the "
+                       f"store's {backbone.hash[:12]}")
+    if record.source.get("content_hash") != have["content_hash"]:
+        raise CdmError(f"compartment of '{name}' was trained on other content than the source registered as "
+                       f"'{name}'")
+    record.source.update(spec=spec, id=name)
+    return _put_tensors(store, name, tensors, {**record.to_dict(), **(extra or {})}, kind="compartment",
+                        sources=[name], backbone_hash=backbone.hash, actor=actor)
 
 
 def license_tags(source: Source, tags: tuple[str, ...] | list[str] = ()) -> tuple[str, ...]:
@@ -325,6 +401,8 @@ def forget_samples(store: Store, backbone: Backbone, name: str, sample_ids: list
     t0 = time.perf_counter()
     if not sample_ids:
         raise CdmError("no sample ids given")
+    if not store.source(name).get("data_held", True):
+        raise CdmError(imported_refusal(store, name, sample_ids))
     row = store.compartment(name)
     require_store_backbone(store, backbone)
     if row["backbone_hash"] != backbone.hash:  # (a store from before backbones were recorded)
@@ -356,6 +434,21 @@ def forget_samples(store: Store, backbone: Backbone, name: str, sample_ids: list
     }, before=row["weights_sha256"], after=new.weights_sha256, actor=actor)
     return SamplesForgotten(source=name, n_removed=removed_n, seconds=seconds, before=row["weights_sha256"],
                             after=new.weights_sha256, dropped=[r["cid"] for r in dropped if r["cid"] != name])
+
+
+def imported_refusal(store: Store, name: str, sample_ids: list[str]) -> str:
+    """Why samples of an imported source cannot be forgotten here, and what its data owner must do."""
+    row = store.compartment(name) if name in {r["cid"] for r in store.compartments()} else None
+    manifest = row["manifest"] if row is not None else {}
+    spec = manifest.get("source", {}).get("spec") or "SPEC"
+    seed = manifest.get("seed")
+    these = "these samples" if len(sample_ids) > 1 else "this sample"
+    return (f"source '{name}' was imported from a compartment bundle: this store does not hold its data and cannot "
+            f"retrain it without {these} (nothing was changed). Its data owner must drop {these} from the data, "
+            f"retrain with `cdm train-compartment <{spec} without them> --backbone <this store's backbone> --out "
+            f"BUNDLE` (same options{f', --seed {seed}' if seed is not None else ''}) and send BUNDLE, which `cdm "
+            f"import BUNDLE --store {store.path} --name {name}` re-imports. To stop using the source now: `cdm "
+            f"forget {name} --store {store.path}`.")
 
 
 def _recorded_dp(entry: dict | None):

@@ -80,7 +80,7 @@ except ImportError:  # pragma: no cover
 __all__ = ["KINDS", "MANIFEST_NAME", "PROMPTS_NAME", "REGISTRY_NAME", "RESERVED_NAMES", "SCHEMA_VERSION", "Store",
            "check_source_name"]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 APPLICATION_ID = 0x43444D53  # "CDMS": marks a SQLite file as a cdm compartment registry
 REGISTRY_NAME = "registry.sqlite"
 PROMPTS_NAME = "prompts.safetensors"
@@ -107,7 +107,8 @@ CREATE TABLE sources (
     classes      TEXT NOT NULL,          -- JSON list
     added_at     TEXT NOT NULL,
     added_by     TEXT NOT NULL,
-    complete     INTEGER NOT NULL DEFAULT 1  -- 0 while its compartment is being trained (an unfinished add)
+    complete     INTEGER NOT NULL DEFAULT 1,  -- 0 while its compartment is being trained (an unfinished add)
+    data_held    INTEGER NOT NULL DEFAULT 1   -- 0: imported (a compartment bundle); the store has no samples of it
 );
 CREATE TABLE meta (                      -- properties of the store: backbone_hash, backbone_ref
     key   TEXT PRIMARY KEY,
@@ -160,7 +161,7 @@ CREATE TABLE audit (
 """
 
 # Schema migrations: MIGRATIONS[v] takes a registry from version v to v + 1 (run in one transaction on open).
-MIGRATIONS: dict[int, str] = {
+MIGRATIONS: dict[int, Any] = {  # SQL, or a function of the connection returning it
     1: "ALTER TABLE sources ADD COLUMN complete INTEGER NOT NULL DEFAULT 1;"
        "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
     # the service's key tables, which cdm.server.keys used to add itself (IF NOT EXISTS: stores that have them)
@@ -172,6 +173,10 @@ MIGRATIONS: dict[int, str] = {
     # keys granted by access tag (e.g. every source tagged license:CC-BY-4.0)
     3: "CREATE TABLE IF NOT EXISTS api_key_tags (key_id INTEGER NOT NULL REFERENCES api_keys(id) ON DELETE CASCADE, "
        "tag TEXT NOT NULL, PRIMARY KEY (key_id, tag));",
+    # sources imported as compartment bundles (cdm import): the store holds no samples of them ("" when the column
+    # is there already: a registry taken back to an older version by hand, as the migration tests do)
+    4: lambda db: "" if "data_held" in {r[1] for r in db.execute("PRAGMA table_info(sources)")} else
+       "ALTER TABLE sources ADD COLUMN data_held INTEGER NOT NULL DEFAULT 1;",
 }
 
 # Names a source may not take: they are the ids of joint compartments and of per-source heads and data.
@@ -472,7 +477,8 @@ class Store:
         with self._locked(True):
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             while version < SCHEMA_VERSION:
-                self._db.executescript("BEGIN IMMEDIATE;" + MIGRATIONS[version]
+                step = MIGRATIONS[version]
+                self._db.executescript("BEGIN IMMEDIATE;" + (step(self._db) if callable(step) else step)
                                        + f"PRAGMA user_version={version + 1};COMMIT;")
                 version += 1
             # A store from before backbones were recorded: its compartments name theirs.
@@ -581,10 +587,14 @@ class Store:
     # ------------------------------------------------------------------------------------------- sources
 
     def add_source(self, source_id: str, *, content_hash: str, n: int, classes: Iterable[Any],
-                   tags: Iterable[str] = (), actor: str | None = None, pending: bool = False) -> dict:
+                   tags: Iterable[str] = (), actor: str | None = None, pending: bool = False,
+                   data_held: bool = True) -> dict:
         """Register a data source. Registering the same id again with the same content is a no-op; with other
         content it is refused (forget the old one first). ``pending``: its compartment is still to be trained;
-        the source is listed (and :meth:`verify` reports it) as incomplete until a ``compartment`` of it is put."""
+        the source is listed (and :meth:`verify` reports it) as incomplete until a ``compartment`` of it is put.
+        ``data_held=False``: an imported source (a compartment trained where its data lives, ``cdm import``): the
+        store keeps no samples of it (:meth:`samples_file` refuses to make room for them), so nothing here can
+        retrain it; its audit record says ``imported``."""
         _check_source_id(source_id)
         _check_hash("content_hash", content_hash)
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
@@ -599,18 +609,21 @@ class Store:
         with self._locked(True):
             old = self._db.execute("SELECT * FROM sources WHERE id = ?", (source_id,)).fetchone()
             if old is not None:
-                if old["content_hash"] == content_hash and old["n"] == n and old["classes"] == classes_json:
+                if old["content_hash"] == content_hash and old["n"] == n and old["classes"] == classes_json \
+                        and bool(old["data_held"]) == bool(data_held):
                     return self.source(source_id)
                 raise StoreError(f"source '{source_id}' is already registered with other content; forget it "
                                  "first to replace it")
             with self._tx() as db:
-                db.execute("INSERT INTO sources (id, content_hash, n, classes, added_at, added_by, complete) "
-                           "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                           (source_id, content_hash, n, classes_json, _now(), actor, int(not pending)))
+                db.execute("INSERT INTO sources (id, content_hash, n, classes, added_at, added_by, complete, "
+                           "data_held) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                           (source_id, content_hash, n, classes_json, _now(), actor, int(not pending),
+                            int(bool(data_held))))
                 db.executemany("INSERT INTO access_tags (source_id, tag) VALUES (?, ?)",
                                [(source_id, t) for t in tags])
                 # No content hash, size or classes in the audit log: it outlives the source.
-                self._audit(db, actor, "add-source", source_id, {"tags": tags})
+                self._audit(db, actor, "add-source", source_id,
+                            {"tags": tags} if data_held else {"tags": tags, "imported": True})
         return self.source(source_id)
 
     def record(self, action: str, target: str | None, details: dict, *, before: str | None = None,
@@ -620,14 +633,27 @@ class Store:
         with self._locked(True), self._tx() as db:
             return self._audit(db, actor, action, target, details, before=before, after=after)
 
-    def update_source_content(self, source_id: str, *, content_hash: str, n: int, actor: str | None = None) -> dict:
-        """Record that a source's content changed (samples forgotten). The audit record keeps the counts only."""
+    def update_source_content(self, source_id: str, *, content_hash: str, n: int, actor: str | None = None,
+                              classes: Iterable[Any] | None = None, pending: bool = False) -> dict:
+        """Record that a source's content changed (samples forgotten; an imported source re-imported, which may
+        change its ``classes`` too). ``pending``: its new compartment is still to be stored (the source is listed
+        as incomplete until it is). The audit record keeps the counts only."""
         _check_hash("content_hash", content_hash)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise StoreError(f"n must be a non-negative integer, got {n!r}")
+        classes_json = None
+        if classes is not None:
+            try:
+                classes_json = _dumps(list(classes))
+            except (TypeError, ValueError):
+                raise StoreError("classes must be a JSON-serialisable list (ints or strings)") from None
         actor = _actor(actor)
         with self._locked(True):
             old = self._require_source(source_id)
             with self._tx() as db:
-                db.execute("UPDATE sources SET content_hash = ?, n = ? WHERE id = ?", (content_hash, n, source_id))
+                db.execute("UPDATE sources SET content_hash = ?, n = ?, classes = ?, complete = ? WHERE id = ?",
+                           (content_hash, n, classes_json or old["classes"], 0 if pending else old["complete"],
+                            source_id))
                 self._audit(db, actor, "update-source", source_id, {"n_before": old["n"], "n_after": n})
             folder = self._wdir / self._data_folder(source_id)
             derived = [f for prefix in _DERIVED.values() for f in folder.glob(prefix + "*")] if folder.is_dir() else []
@@ -639,8 +665,9 @@ class Store:
         return self.source(source_id)
 
     def sources(self) -> list[dict]:
-        """Every registered source: ``id, content_hash, n, classes, tags, added_at, added_by, complete``
-        (``complete`` is False while the compartment of an unfinished add is missing)."""
+        """Every registered source: ``id, content_hash, n, classes, tags, added_at, added_by, complete, data_held``
+        (``complete`` is False while the compartment of an unfinished add is missing; ``data_held`` is False for an
+        imported source, whose samples the store does not have)."""
         return [self._source_dict(r) for r in self._db.execute("SELECT * FROM sources ORDER BY id")]
 
     def source(self, source_id: str) -> dict:
@@ -650,6 +677,7 @@ class Store:
         d = dict(row)
         d["classes"] = json.loads(d["classes"])
         d["complete"] = bool(d["complete"])
+        d["data_held"] = bool(d["data_held"])
         d["tags"] = self.tags(d["id"])
         return d
 
@@ -913,6 +941,8 @@ class Store:
         caller writes the file atomically. Nothing outside the store spells this layout."""
         _check_source_id(source_id)
         if create:
+            if not self._require_source(source_id)["data_held"]:
+                raise StoreError(f"source '{source_id}' is imported: this store holds no samples of it")
             return self.work_dir(self._data_folder(source_id), sources=[source_id]) / SAMPLES_NAME
         self._require_source(source_id)
         return self._wdir / self._data_folder(source_id) / SAMPLES_NAME
@@ -1074,9 +1104,10 @@ class Store:
                 problems.append(f"registry: foreign key violation in table {r[0]}")
             rows = self._rows()
             known = set(self._source_ids())
-            for (sid,) in db.execute("SELECT id FROM sources WHERE complete = 0 ORDER BY id"):
+            for sid, held in db.execute("SELECT id, data_held FROM sources WHERE complete = 0 ORDER BY id"):
+                again = "`cdm add`" if held else "`cdm import`"
                 problems.append(f"source '{sid}' is incomplete (an add stopped before its compartment was stored): "
-                                f"rerun the same `cdm add` to resume, or `cdm forget {sid} --store {self.path}`")
+                                f"rerun the same {again} to resume, or `cdm forget {sid} --store {self.path}`")
             hashes = {r["backbone_hash"] for r in rows.values()}
             have = self._meta("backbone_hash")
             if have is not None and hashes - {have}:
