@@ -37,6 +37,7 @@ def generate(
     progress: bool = False,
     trajectories: list | None = None,
     clip: bool | None = None,
+    device: torch.device | str | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Draw images. Class-conditional when ``labels`` is given (one image per label), text-conditioned when
     ``text`` (N, dim) caption embeddings are (one image per row; ``null_text`` (dim,), the empty caption's, is
@@ -47,7 +48,10 @@ def generate(
     ``reset()`` before each batch; if ``trajectories`` is a list, each batch's weight trajectory is appended.
     ``clip``: clip x_0 predictions to [-1, 1], or to [-r, r] for a number r (default: the codec's
     ``x0_range``; None there: no clipping). ``in_chans``:
-    the model's channels (default: the codec's).
+    the model's channels (default: the codec's). ``device``: where the noise, the conditions and the solver's state
+    live (default: the CPU); pass the backbone's (``backbone.device``, as :func:`sample_backbone` and
+    ``cdm.operations.generate_from_store`` do). The noise is drawn on the CPU and moved, so a device changes no
+    draw; the images come back on the CPU.
     """
     if sum(v is not None for v in (labels, n, text)) != 1:
         raise ValueError("give exactly one of labels (class-conditional), text (captions) or n (unconditional)")
@@ -66,10 +70,12 @@ def generate(
             raise ValueError("classifier-free guidance needs labels and a null class")
         else:
             eps = classifier_free_guidance(eps, guidance, {"y": null_class})
-    step_noise = torch.Generator().manual_seed(seed + 1)  # for stochastic solvers
+    dev = torch.device("cpu") if device is None else torch.device(device)
+    step_noise = torch.Generator().manual_seed(seed + 1)  # for stochastic solvers (CPU draws, moved by the solver)
     m = codec.model_size
     noise = torch.randn((count, in_chans, m, m), generator=torch.Generator().manual_seed(seed))
-    y_all = None if labels is None else torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    y_all = None if labels is None else torch.as_tensor(np.asarray(labels), dtype=torch.long).to(dev)
+    text = None if text is None else text.to(dev)
     out = []
     chunks = range(0, count, batch_size)
     if progress:
@@ -82,9 +88,9 @@ def generate(
             cond["text"] = text[s:s + batch_size]
         if hasattr(base, "reset"):
             base.reset()
-        x = sample(eps, noise[s:s + batch_size], schedule=schedule, solver=solver, steps=steps, cond=cond, bf16=bf16,
-                   generator=step_noise, clip=clip)
-        out.append(codec.decode(x))
+        x = sample(eps, noise[s:s + batch_size].to(dev), schedule=schedule, solver=solver, steps=steps, cond=cond,
+                   bf16=bf16, generator=step_noise, clip=clip)
+        out.append(codec.decode(x.cpu()))
         if trajectories is not None and hasattr(base, "trajectory"):
             trajectories.append(base.trajectory())
     return np.concatenate(out), (None if labels is None else np.asarray(labels, dtype=np.int64))
@@ -110,8 +116,10 @@ def class_labels(backbone: Backbone, classes: list[int] | None = None, per_class
 def sample_backbone(backbone: Backbone, per_class: int = 10, classes: list[int] | None = None,
                     eps: Denoiser | None = None, **kwargs):
     """``per_class`` images of each class (default: all real classes, i.e. every label but the null one), from
-    the backbone or from ``eps`` (e.g. a compartment's denoiser on this backbone)."""
+    the backbone or from ``eps`` (e.g. a compartment's denoiser on this backbone), sampled on the backbone's
+    device."""
     c = backbone.config
+    kwargs.setdefault("device", backbone.device)
     return generate(eps or backbone.eps, schedule=backbone.schedule, codec=backbone.codec,
                     labels=class_labels(backbone, classes, per_class), null_class=c.null_class, in_chans=c.in_chans,
                     **kwargs)

@@ -63,14 +63,15 @@ __all__ = ["attribute", "divergence", "normalised_entropy", "weight_path_credit"
 def divergence(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *, probes: int = 1, exact: bool = False,
                generator: torch.Generator | None = None) -> torch.Tensor:
     """Divergence of ``f`` (batch-separable, ``f(x)`` shaped like ``x``) at each row of ``x``: exact
-    ``(B,)`` or Hutchinson ``(P, B)`` with Rademacher probes."""
+    ``(B,)`` or Hutchinson ``(P, B)`` with Rademacher probes (drawn on the CPU from ``generator``, then moved to
+    ``x``'s device, like every random draw in cdm)."""
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
         y = f(x)
         flat = x[0].numel()
         if exact:  # every basis direction at once (vmap over grad_outputs), in chunks
-            out = torch.zeros(x.shape[0], dtype=torch.float64)
-            eye = torch.eye(flat, dtype=x.dtype)
+            out = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+            eye = torch.eye(flat, dtype=x.dtype, device=x.device)
             for s in range(0, flat, 64):
                 e = eye[s:s + 64].view(-1, 1, *x.shape[1:]).expand(-1, *x.shape).contiguous()
                 (g,) = torch.autograd.grad(y, x, e, retain_graph=True, is_grads_batched=True)
@@ -78,7 +79,7 @@ def divergence(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *, pr
             return out
         out = []
         for p in range(probes):
-            z = torch.randint(0, 2, x.shape, generator=generator).to(x.dtype) * 2 - 1
+            z = torch.randint(0, 2, x.shape, generator=generator).to(x.device, x.dtype) * 2 - 1
             (g,) = torch.autograd.grad(y, x, z, retain_graph=p < probes - 1)
             out.append((g * z).flatten(1).sum(1).double())
         return torch.stack(out)
@@ -95,7 +96,8 @@ def _timesteps(schedule: NoiseSchedule, steps: int) -> list[int]:
 def attribute(bank, x_T: torch.Tensor, *, schedule: NoiseSchedule, priors: Sequence[float] | None = None,
               weighting=None, steps: int = 25, probes: int = 2, exact: bool = False, seed: int = 0,
               cond: dict | None = None, abar_floor: float = 1e-3, clip: bool = False,
-              groups: Sequence[int] | torch.Tensor | None = None, x0_range: float | None = 1.0) -> dict:
+              groups: Sequence[int] | torch.Tensor | None = None, x0_range: float | None = 1.0,
+              device: torch.device | str | None = None) -> dict:
     """Generate from ``x_T`` along the probability-flow ODE of the composition of ``bank`` (a
     :class:`~cdm.composition.CompartmentBank` or any ``bank(x, t, index, **cond)``) and attribute each sample.
 
@@ -115,6 +117,10 @@ def attribute(bank, x_T: torch.Tensor, *, schedule: NoiseSchedule, priors: Seque
     weights and the weight path are then per source (sums over its components: ``L`` and ``w`` are additive).
     Default: the bank's own ``source`` map (a :class:`~cdm.composition.ClassMixtureBank`), else one row per
     source. ``priors`` are per row.
+
+    ``device``: where the path, the divergences and the integrals are computed (default: the bank's ``device``, a
+    :class:`~cdm.composition.CompartmentBank`'s being its backbone's; else ``x_T``'s). The probes are drawn on the
+    CPU and moved; the results come back as numpy arrays either way.
     """
     if steps < 1 or (not exact and probes < 1):
         raise ValueError("steps and probes must be >= 1")
@@ -138,18 +144,19 @@ def attribute(bank, x_T: torch.Tensor, *, schedule: NoiseSchedule, priors: Seque
     if groups is not None and weighting is not None:
         raise ValueError("a weighting scores sources, not mixture components: attribute a grouped bank with the "
                          "default ode tracking")
-    log_prior = (lam / lam.sum()).log()
-    cond = cond or {}
+    dev = torch.device(device) if device is not None else (getattr(bank, "device", None) or x_T.device)
+    log_prior = (lam / lam.sum()).log().to(dev)
+    cond = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in (cond or {}).items()}
     gen = torch.Generator().manual_seed(seed)
-    abar = schedule.alphas_cumprod.double()
+    abar = schedule.alphas_cumprod.double()  # read as scalars: stays on the CPU
     ts = _timesteps(schedule, steps)
-    x = x_T.detach().float().clone()
+    x = x_T.detach().float().to(dev).clone()
     b, d = x.shape[0], x[0].numel()
     P = 1 if exact else probes
-    L = torch.zeros(P, b, n, dtype=torch.float64)
-    log_q = torch.zeros(b, n, dtype=torch.float64)
-    active = torch.ones(b, n, dtype=torch.bool)
-    idx = torch.arange(n).repeat(b)
+    L = torch.zeros(P, b, n, dtype=torch.float64, device=dev)
+    log_q = torch.zeros(b, n, dtype=torch.float64, device=dev)
+    active = torch.ones(b, n, dtype=torch.bool, device=dev)
+    idx = torch.arange(n, device=dev).repeat(b)
     rep = {k: (v.repeat_interleave(n, 0) if torch.is_tensor(v) and v.ndim and v.shape[0] == b else v)
            for k, v in cond.items()}
     weights, vparts = [], []
@@ -159,7 +166,7 @@ def attribute(bank, x_T: torch.Tensor, *, schedule: NoiseSchedule, priors: Seque
         a, a_next = abar[t], (abar[ts[k + 1]] if k + 1 < len(ts) else torch.tensor(1.0, dtype=torch.float64))
         sigma = float((1 - a).sqrt())
         delta = float(a_next.log() - a.log())  # int beta dt over the step (> 0)
-        tb = torch.full((b * n,), t, dtype=torch.long)
+        tb = torch.full((b * n,), t, dtype=torch.long, device=dev)
         xr = x.repeat_interleave(n, 0)
         store: dict = {}
 
@@ -183,7 +190,7 @@ def attribute(bank, x_T: torch.Tensor, *, schedule: NoiseSchedule, priors: Seque
             if "mid" in store:
                 mid = store["mid"].detach()
                 extra["mid"] = mid.view(b, n, *mid.shape[1:])
-            logits = log_prior + weighting.log_likelihood(x, torch.full((b,), t, dtype=torch.long),
+            logits = log_prior + weighting.log_likelihood(x, torch.full((b,), t, dtype=torch.long, device=dev),
                                                           store["eps"].detach().view(b, n, *x.shape[1:]), active,
                                                           log_prior, **extra).double()
         w = logits.softmax(1)
@@ -202,10 +209,12 @@ def attribute(bank, x_T: torch.Tensor, *, schedule: NoiseSchedule, priors: Seque
             x0 = x0.clamp(-x0_range, x0_range)  # magnifies the error ~1e4-fold
         x = (float(a_next.sqrt()) * x0 + float((1 - a_next).sqrt()) * eps_c).detach()
     if groups is not None:  # components -> sources
-        L = torch.zeros(P, b, n_src, dtype=L.dtype).index_add_(2, group, L)
-        weights = [torch.zeros(b, n_src, dtype=w.dtype).index_add_(1, group, w) for w in weights]
+        group = group.to(dev)
+        L = torch.zeros(P, b, n_src, dtype=L.dtype, device=dev).index_add_(2, group, L)
+        weights = [torch.zeros(b, n_src, dtype=w.dtype, device=dev).index_add_(1, group, w) for w in weights]
     W = torch.stack(weights)  # (steps, B, sources)
-    dt = torch.tensor([t - (ts[k + 1] if k + 1 < len(ts) else 0) for k, t in enumerate(ts)], dtype=torch.float32)
+    dt = torch.tensor([t - (ts[k + 1] if k + 1 < len(ts) else 0) for k, t in enumerate(ts)],
+                      dtype=torch.float32).to(dev)
     path = (W * dt.view(-1, 1, 1)).sum(0) / dt.sum()
     total = L.sum(-1)  # (P, B)
     credit_p = L / total.unsqueeze(-1)
@@ -215,9 +224,12 @@ def attribute(bank, x_T: torch.Tensor, *, schedule: NoiseSchedule, priors: Seque
     def se(v: torch.Tensor) -> torch.Tensor:
         return v.std(0, unbiased=True) / P ** 0.5 if P > 1 else torch.full_like(v[0], float("nan"))
 
-    return {"x0": x.numpy(), "credit": credit.numpy(), "credit_se": se(credit_p).numpy(), "L": L_mean.numpy(),
-            "L_se": se(L).numpy(), "loglik_change": total.mean(0).numpy(), "weight_path": path.numpy(),
-            "weights": W.numpy(), "timesteps": np.asarray(vparts), "probes": P, "exact": exact, "steps": steps}
+    def out(v: torch.Tensor) -> np.ndarray:
+        return v.cpu().numpy()
+
+    return {"x0": out(x), "credit": out(credit), "credit_se": out(se(credit_p)), "L": out(L_mean),
+            "L_se": out(se(L)), "loglik_change": out(total.mean(0)), "weight_path": out(path),
+            "weights": out(W), "timesteps": np.asarray(vparts), "probes": P, "exact": exact, "steps": steps}
 
 
 def weight_path_credit(weights: np.ndarray | torch.Tensor,

@@ -77,11 +77,18 @@ class Backbone:
 
     @property
     def device(self) -> torch.device:
+        """Where the transformer runs, and hence where everything cdm builds around it runs: compartment and head
+        training (prompts, adapters, optimisers, batches, noise), sampling (solvers, composed denoisers,
+        weightings) and attribution all take their device from here."""
         return self.net.pos_embed.device
 
     def to(self, device: str | torch.device) -> Backbone:
-        """Run the transformer on ``device`` (e.g. ``"cuda"``); callers keep their tensors where they are (the
-        U-ViT moves inputs and outputs, see ``UViT.forward``). The weights' hash is taken first, on the CPU."""
+        """Move the transformer (and a latent backbone's autoencoder) to ``device`` (e.g. ``"cuda"``); training,
+        sampling, weightings and attribution then run there too (see :attr:`device`). Random draws are still made
+        on the CPU, from the same seeded generators, and moved, so only the arithmetic differs from the CPU, which
+        stays the bit-exact reference (forgetting). A caller's tensors elsewhere are still accepted: the U-ViT
+        moves inputs and outputs (``UViT.forward``). The weights' hash is taken first, on the CPU; saved weights
+        are always written from the CPU."""
         _ = self.hash
         self.net.to(device)
         if self.latent:

@@ -21,6 +21,13 @@ tokens skip the MLP (their outputs are thrown away in both forms).
 Parallel adapters (``adapters = (down, up)``, ``(B or 1, n_blocks, D, r)`` and ``(B or 1, n_blocks, r, D)``):
 block ``k`` adds ``gelu(h @ down[k]) @ up[k]`` beside its MLP (``h`` the MLP's normalised input), in the same
 block order as prompts; with ``up`` at zero the network is exactly the plain U-ViT.
+
+LoRA (``lora = {"qkv": (a, b), "proj": ..., "fc1": ..., "fc2": ...}``, optionally with ``"index"``): low-rank
+updates ``W x + b(a(x))`` of every block's attention ``qkv`` / ``proj`` and MLP ``fc1`` / ``fc2`` linears (Hu et
+al., 2021), ``a`` ``(G, n_blocks, in, r)`` and ``b`` ``(G, n_blocks, r, out)`` (:func:`lora_shapes`). Without
+``"index"`` G is B or 1 (one factor set per row, or one for all); with ``"index"`` (B,) row ``i`` uses factor set
+``index[i]``, gathered one block at a time (a bank of compartments passes its G stacked sets once instead of a
+copy per row). With ``b`` at zero the network is exactly the plain U-ViT.
 """
 
 from __future__ import annotations
@@ -35,8 +42,8 @@ from torch import nn
 
 from ..io import config_from_dict
 
-__all__ = ["Geometry", "UViT", "UViTConfig", "build_trunk", "check_prompts", "patchify", "reference_init",
-           "run_blocks", "timestep_embedding", "unpatchify"]
+__all__ = ["LORA_TARGETS", "Geometry", "UViT", "UViTConfig", "build_trunk", "check_prompts", "lora_shapes", "patchify",
+           "reference_init", "run_blocks", "timestep_embedding", "unpatchify"]
 
 
 class Geometry:
@@ -124,6 +131,15 @@ def unpatchify(x: torch.Tensor, channels: int) -> torch.Tensor:
     return x.reshape(b, channels, h * p, h * p)
 
 
+def _plus_lora(y: torch.Tensor, x: torch.Tensor, ab: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """``y`` (a linear's output on ``x`` (B, N, in)) plus its low-rank update ``(x @ a) @ b``, ``a`` (B or 1, in, r),
+    ``b`` (B or 1, r, out); ``ab`` None: ``y`` itself."""
+    if ab is None:
+        return y
+    a, b = ab
+    return y + torch.matmul(torch.matmul(x, a.to(x.dtype)), b.to(x.dtype)).to(y.dtype)
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = False):
         super().__init__()
@@ -131,21 +147,24 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+    def _heads(self, x: torch.Tensor, lora: dict | None = None) -> torch.Tensor:
         b, n, d = x.shape
-        return self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        qkv = _plus_lora(self.qkv(x), x, None if lora is None else lora["qkv"])
+        return qkv.reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                gate: torch.Tensor | None = None) -> torch.Tensor:
+                gate: torch.Tensor | None = None, lora: dict | None = None) -> torch.Tensor:
         """Self-attention over ``x``. With ``context`` (B, P, D) and ``gate`` (B, H): plus a separate attention
-        from ``x`` to the context tokens, scaled per head by ``gate`` (zero gate: exactly plain attention)."""
+        from ``x`` to the context tokens, scaled per head by ``gate`` (zero gate: exactly plain attention).
+        ``lora``: this block's ``{"qkv": (a, b), "proj": (a, b), ...}`` low-rank updates (see the module)."""
         b, n, d = x.shape
-        q, k, v = self._heads(x)
+        q, k, v = self._heads(x, lora)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, Dh); scale Dh^-1/2 as reference
         if context is not None:
-            _, kc, vc = self._heads(context)
+            _, kc, vc = self._heads(context, lora)
             out = out + gate[:, :, None, None].to(out.dtype) * F.scaled_dot_product_attention(q, kc, vc)
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+        out = out.transpose(1, 2).reshape(b, n, d)
+        return _plus_lora(self.proj(out), out, None if lora is None else lora["proj"])
 
 
 class Mlp(nn.Module):
@@ -157,8 +176,11 @@ class Mlp(nn.Module):
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+    def forward(self, x: torch.Tensor, lora: dict | None = None) -> torch.Tensor:
+        if lora is None:
+            return self.fc2(self.act(self.fc1(x)))
+        h = self.act(_plus_lora(self.fc1(x), x, lora["fc1"]))
+        return _plus_lora(self.fc2(h), h, lora["fc2"])
 
 
 class Block(nn.Module):
@@ -173,28 +195,29 @@ class Block(nn.Module):
         self.skip_linear = nn.Linear(2 * dim, dim) if skip else None
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None, prompt: torch.Tensor | None = None,
-                gate: torch.Tensor | None = None, adapter: tuple[torch.Tensor, torch.Tensor] | None = None
-                ) -> torch.Tensor:
+                gate: torch.Tensor | None = None, adapter: tuple[torch.Tensor, torch.Tensor] | None = None,
+                lora: dict | None = None) -> torch.Tensor:
         if self.skip_linear is not None:
             x = self.skip_linear(torch.cat([x, skip], dim=-1))
         if prompt is not None and gate is not None:  # gated prompts: image tokens read them through a gated branch
             context = self.norm1(prompt.to(x.dtype).expand(x.shape[0], -1, -1))
-            x = x + self.attn(self.norm1(x), context, gate.expand(x.shape[0], -1))
-            return x + self._ffn(x, adapter)
+            x = x + self.attn(self.norm1(x), context, gate.expand(x.shape[0], -1), lora=lora)
+            return x + self._ffn(x, adapter, lora)
         if prompt is not None:
             x = torch.cat([prompt.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)
-        x = x + self.attn(self.norm1(x))
-        x = x + self._ffn(x, adapter)
+        x = x + self.attn(self.norm1(x), lora=lora)
+        x = x + self._ffn(x, adapter, lora)
         if prompt is not None:
             x = x[:, prompt.shape[1]:]
         return x
 
-    def _ffn(self, x: torch.Tensor, adapter: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def _ffn(self, x: torch.Tensor, adapter: tuple[torch.Tensor, torch.Tensor] | None,
+             lora: dict | None = None) -> torch.Tensor:
         h = self.norm2(x)
         if adapter is None:
-            return self.mlp(h)
+            return self.mlp(h, lora)
         down, up = (a.to(h.dtype) for a in adapter)
-        return self.mlp(h) + torch.matmul(F.gelu(torch.matmul(h, down)), up)
+        return self.mlp(h, lora) + torch.matmul(F.gelu(torch.matmul(h, down)), up)
 
 
 class PatchEmbed(nn.Module):
@@ -244,9 +267,51 @@ def reference_init(net: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")  # the linears of every block that LoRA updates
+
+
+def lora_shapes(c: Geometry) -> dict[str, tuple[int, int]]:
+    """``{target: (in, out)}`` of a block's LoRA targets: attention ``qkv`` (D -> 3D) and ``proj`` (D -> D), MLP
+    ``fc1`` (D -> hidden) and ``fc2`` (hidden -> D)."""
+    d, hidden = c.embed_dim, int(c.embed_dim * c.mlp_ratio)
+    return {"qkv": (d, 3 * d), "proj": (d, d), "fc1": (d, hidden), "fc2": (hidden, d)}
+
+
+def _check_lora(c: Geometry, b: int, lora: dict) -> None:
+    want = lora_shapes(c)
+    problem = None
+    if not isinstance(lora, dict) or set(lora) - {"index"} != set(LORA_TARGETS):
+        problem = f"keys {sorted(lora) if isinstance(lora, dict) else type(lora).__name__}"
+    else:
+        groups = set()
+        for name, (n_in, n_out) in want.items():
+            ab = lora[name]
+            if not isinstance(ab, (tuple, list)) or len(ab) != 2:
+                problem = f"{name} is not an (a, b) pair"
+                break
+            a, f = ab
+            if (a.ndim != 4 or f.ndim != 4 or a.shape[1:3] != (c.n_blocks, n_in)
+                    or f.shape[1:] != (c.n_blocks, a.shape[3], n_out) or f.shape[0] != a.shape[0]):
+                problem = f"{name} factors are {tuple(a.shape)} and {tuple(f.shape)}"
+                break
+            groups.add(a.shape[0])
+        index = lora.get("index")
+        if problem is None and len(groups) != 1:
+            problem = f"factor sets differ in number ({sorted(groups)})"
+        elif problem is None and index is None and groups.pop() not in (1, b):
+            problem = f"{a.shape[0]} factor sets for {b} rows and no index"
+        elif problem is None and index is not None and (index.ndim != 1 or index.shape[0] != b
+                                                        or index.dtype not in (torch.int64, torch.int32)):
+            problem = f"index must be ({b},) integers, got {tuple(index.shape)} {index.dtype}"
+    if problem is not None:
+        raise ValueError(f"lora must map {', '.join(LORA_TARGETS)} to factors a (G, {c.n_blocks}, in, r) and b (G, "
+                         f"{c.n_blocks}, r, out), (in, out) = {want}, G = B or 1, or any G with an 'index' (B,) of "
+                         f"each row's factor set; {problem}")
+
+
 def check_prompts(c: Geometry, b: int, prompts: torch.Tensor | None, prompt_gate: torch.Tensor | None,
-                  adapters: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-    """Shape checks of the per-block inputs (deep prompts, gates, adapters) for a batch of ``b``."""
+                  adapters: tuple[torch.Tensor, torch.Tensor] | None = None, lora: dict | None = None) -> None:
+    """Shape checks of the per-block inputs (deep prompts, gates, adapters, LoRA) for a batch of ``b``."""
     if prompts is not None and (prompts.ndim != 4 or prompts.shape[1] != c.n_blocks
                                 or prompts.shape[3] != c.embed_dim or prompts.shape[0] not in (1, b)):
         raise ValueError(f"prompts must be (B or 1, {c.n_blocks}, P, {c.embed_dim}), got {tuple(prompts.shape)}")
@@ -260,17 +325,24 @@ def check_prompts(c: Geometry, b: int, prompts: torch.Tensor | None, prompt_gate
                 or up.shape[0] != down.shape[0]):
             raise ValueError(f"adapters must be (B or 1, {c.n_blocks}, {c.embed_dim}, r) and "
                              f"(B or 1, {c.n_blocks}, r, {c.embed_dim})")
+    if lora is not None:
+        _check_lora(c, b, lora)
 
 
 def run_blocks(net: nn.Module, h: torch.Tensor, prompts: torch.Tensor | None = None,
-               prompt_gate: torch.Tensor | None = None, adapters: tuple[torch.Tensor, torch.Tensor] | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               prompt_gate: torch.Tensor | None = None, adapters: tuple[torch.Tensor, torch.Tensor] | None = None,
+               lora: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The U-shaped pass over ``net``'s in-, mid- and out-blocks (long skips), block ``k`` getting its prompts,
-    gates and adapters; returns ``(tokens after the last block, tokens after the mid block)``."""
+    gates, adapters and LoRA factors (gathered per row here, one block at a time, when ``lora`` has an index);
+    returns ``(tokens after the last block, tokens after the mid block)``."""
     def per_block(i: int) -> dict:
         out = {} if adapters is None else {"adapter": (adapters[0][:, i], adapters[1][:, i])}
         if prompts is not None:
             out.update(prompt=prompts[:, i], gate=None if prompt_gate is None else prompt_gate[:, i])
+        if lora is not None:
+            index = lora.get("index")
+            out["lora"] = {name: tuple(f[:, i] if index is None else f[index, i] for f in lora[name])
+                           for name in LORA_TARGETS}
         return out
 
     half, skips = len(net.in_blocks), []
@@ -328,33 +400,35 @@ class UViT(nn.Module):
         return_mid: bool = False,
         prompt_gate: torch.Tensor | None = None,
         adapters: tuple[torch.Tensor, torch.Tensor] | None = None,
+        lora: dict | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Predict eps. With ``return_mid`` also return the tokens after the mid block (B, extras + patches, D),
-        prompts dropped: what the CDM router heads read.
+        prompts dropped: what the CDM router heads read. ``adapters`` / ``lora``: see the module.
 
         Inputs on another device than the weights are moved to the weights' device, and the outputs are returned
-        on the input's device (differentiably), under the caller's autocast dtype. So with the net on an
-        accelerator (``Backbone.to("cuda")``) everything around it (samplers, weightings, training loops with
-        their seeded CPU generators, prompt tables, optimisers) stays on the CPU unchanged: only the transformer
-        moves, and the data crossing is a few MB per call."""
+        on the input's device (differentiably), under the caller's autocast dtype. cdm's own loops run on the
+        weights' device (``Backbone.device``), so nothing crosses there; this keeps a caller's CPU tensors (or a
+        CPU compartment trained through an accelerator's backbone) working."""
         home, dev = x.device, self.pos_embed.device
         if home == dev:
-            return self._forward(x, timesteps, y, prompts, return_mid, prompt_gate, adapters)
+            return self._forward(x, timesteps, y, prompts, return_mid, prompt_gate, adapters, lora)
         move = lambda v: None if v is None else v.to(dev)  # noqa: E731
         amp = (torch.autocast(dev.type, dtype=torch.get_autocast_dtype(home.type))
                if torch.is_autocast_enabled(home.type) else contextlib.nullcontext())
         with amp:
             out = self._forward(move(x), move(timesteps), move(y), move(prompts), return_mid, move(prompt_gate),
-                                None if adapters is None else tuple(move(a) for a in adapters))
+                                None if adapters is None else tuple(move(a) for a in adapters),
+                                None if lora is None else {k: move(v) if torch.is_tensor(v) else tuple(map(move, v))
+                                                           for k, v in lora.items()})
         return tuple(o.to(home) for o in out) if return_mid else out.to(home)
 
-    def _forward(self, x, timesteps, y, prompts, return_mid, prompt_gate, adapters=None):
+    def _forward(self, x, timesteps, y, prompts, return_mid, prompt_gate, adapters=None, lora=None):
         c = self.config
         if x.ndim != 4 or x.shape[1:] != (c.in_chans, c.img_size, c.img_size):
             raise ValueError(f"expected input (B, {c.in_chans}, {c.img_size}, {c.img_size}), got {tuple(x.shape)}")
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(x.shape[0])
-        check_prompts(c, x.shape[0], prompts, prompt_gate, adapters)
+        check_prompts(c, x.shape[0], prompts, prompt_gate, adapters, lora)
         if c.num_classes > 0 and y is None:
             if c.null_class is None:
                 raise ValueError("this U-ViT is class-conditional and has no null class: pass y")
@@ -366,7 +440,7 @@ class UViT(nn.Module):
         h = torch.cat([time_token.unsqueeze(1), h], dim=1)
         if y is not None:
             h = torch.cat([self.label_emb(y.expand(x.shape[0])).unsqueeze(1), h], dim=1)
-        h, mid = run_blocks(self, h + self.pos_embed, prompts, prompt_gate, adapters)
+        h, mid = run_blocks(self, h + self.pos_embed, prompts, prompt_gate, adapters, lora)
         h = self.decoder_pred(self.norm(h))[:, c.extras:]
         eps = self.final_layer(unpatchify(h, c.in_chans))
         return (eps, mid) if return_mid else eps

@@ -18,6 +18,10 @@ Any compartment may add *parallel adapters* (``adapter_rank`` > 0) beside every 
 ``x + mlp(h) + up(gelu(down(h)))`` with ``h = norm2(x)``; ``up`` starts at zero, so the compartment still starts
 exactly at the backbone. They add capacity where prompts act only through attention.
 
+Any compartment may also add *LoRA* (``lora_rank`` > 0): low-rank updates ``W + a b`` of every block's attention
+``qkv`` / ``proj`` and MLP ``fc1`` / ``fc2`` (:class:`LoRAFactors`); ``b`` starts at zero, so again the compartment
+starts exactly at the backbone.
+
 The backbone gets the sample's class token (the null class for unconditional rows): a compartment starts from
 the public backbone's class-conditional prediction, and everything it learns about its source lives in the
 prompts.
@@ -25,6 +29,7 @@ prompts.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass
 
@@ -35,7 +40,7 @@ from ..backbone import Backbone
 from ..errors import WeightsError
 from ..io import config_from_dict
 
-__all__ = ["Adapters", "Compartment", "CompartmentConfig", "PromptTable", "net_inputs"]
+__all__ = ["Adapters", "Compartment", "CompartmentConfig", "LoRAFactors", "PromptTable", "net_inputs"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,7 @@ class CompartmentConfig:
     #                                  on class labels (conditional) or nothing. Implies conditional=False
     text_tokens: int = 4  # text compartments: prompt tokens per block made from the caption by one linear map
     adapter_rank: int = 0  # parallel FFN adapters of this width in every block; 0: prompts only
+    lora_rank: int = 0  # LoRA of this rank on every block's attention qkv / proj and MLP fc1 / fc2; 0: none
 
     def __post_init__(self) -> None:
         if self.text_encoder is not None and self.conditional:  # captions replace class rows
@@ -72,6 +78,8 @@ class CompartmentConfig:
                             f"{self.adapter_rank})")
         if self.n_prompts < 1:
             problems.append(f"n_prompts must be >= 1 (got {self.n_prompts})")
+        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            problems.append(f"lora_rank must be a whole number >= 0 (0: no LoRA; got {self.lora_rank!r})")
         if self.steps < 1 or self.batch_size < 1:
             problems.append(f"steps and batch_size must be >= 1 (got {self.steps}, {self.batch_size})")
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -134,10 +142,29 @@ class Adapters(nn.Module):
         self.up = nn.Parameter(torch.zeros(n_blocks, rank, dim))
 
 
+class LoRAFactors(nn.Module):
+    """LoRA on every block's ``qkv``, ``proj``, ``fc1`` and ``fc2`` linears (``W x + b(a(x))``): parameters
+    ``<target>_a`` (n_blocks, in, r) and ``<target>_b`` (n_blocks, r, out); ``b`` starts at zero."""
+
+    def __init__(self, n_blocks: int, dim: int, hidden: int, rank: int):
+        super().__init__()
+        self.shapes = {"qkv": (dim, 3 * dim), "proj": (dim, dim), "fc1": (dim, hidden), "fc2": (hidden, dim)}
+        for name, (n_in, n_out) in self.shapes.items():
+            setattr(self, f"{name}_a", nn.Parameter(torch.zeros(n_blocks, n_in, rank)))
+            setattr(self, f"{name}_b", nn.Parameter(torch.zeros(n_blocks, rank, n_out)))
+
+    def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``{target: (a, b)}`` with a leading axis of 1: the backbone's ``lora`` keyword for every row."""
+        return {name: (getattr(self, f"{name}_a").unsqueeze(0), getattr(self, f"{name}_b").unsqueeze(0))
+                for name in self.shapes}
+
+
 def net_inputs(split: dict[str, torch.Tensor | None], text_tokens: torch.Tensor | None = None,
-               adapters: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor | None]:
+               adapters: tuple[torch.Tensor, torch.Tensor] | None = None,
+               lora: dict | None = None) -> dict[str, torch.Tensor | None]:
     """The backbone's keywords from per-row prompt-table rows (``PromptTable.split``), optional per-row text tokens
-    (B, T, D), appended to every block's prompts, and optional adapters ``(down, up)`` (B or 1, n_blocks, ...)."""
+    (B, T, D), appended to every block's prompts, optional adapters ``(down, up)`` (B or 1, n_blocks, ...) and
+    optional LoRA factors (``UViT``'s ``lora``: ``{target: (a, b)}``, plus ``"index"`` for stacked sets)."""
     out = dict(split)
     if text_tokens is not None:
         p = out["prompts"]
@@ -145,16 +172,29 @@ def net_inputs(split: dict[str, torch.Tensor | None], text_tokens: torch.Tensor 
         out["prompts"] = torch.cat([p.expand(t.shape[0], -1, -1, -1), t], dim=2)
     if adapters is not None:
         out["adapters"] = adapters
+    if lora is not None:
+        out["lora"] = lora
     return out
 
 
+def _moved(v, device: torch.device):
+    """Tensors in ``v`` (a tensor, or dicts / tuples / lists of them) moved to ``device``, differentiably."""
+    if torch.is_tensor(v):
+        return v.to(device)
+    if isinstance(v, dict):
+        return {k: _moved(x, device) for k, x in v.items()}
+    if isinstance(v, (tuple, list)):
+        return type(v)(_moved(x, device) for x in v)
+    return v
+
+
 class Compartment(nn.Module):
-    """Prompts (and optionally a caption map and adapters) for one source. ``eps(backbone, x, t, y=None,
+    """Prompts (and optionally a caption map, adapters and LoRA) for one source. ``eps(backbone, x, t, y=None,
     text=None)`` is its denoiser; ``y=None`` (or the null class) selects the unconditional prompts; a text
     compartment reads ``text`` (B, text_dim) caption embeddings (the empty caption's is its unconditional branch)."""
 
     def __init__(self, config: CompartmentConfig, *, n_blocks: int, dim: int, num_classes: int, null_class: int | None,
-                 num_heads: int = 0, text_dim: int = 0):
+                 num_heads: int = 0, text_dim: int = 0, mlp_hidden: int = 0):
         super().__init__()
         if config.conditional and null_class is None:
             raise ValueError("a class-conditional compartment needs a backbone with a null class")
@@ -170,6 +210,8 @@ class Compartment(nn.Module):
         self.text_dim = text_dim if config.text else 0
         self.text_proj = nn.Linear(text_dim, config.text_tokens * dim) if config.text else None
         self.adapters = Adapters(n_blocks, dim, config.adapter_rank) if config.adapter_rank else None
+        # mlp_hidden: the backbone's MLP width (0: 4 * dim, the U-ViT default)
+        self.lora = LoRAFactors(n_blocks, dim, mlp_hidden or 4 * dim, config.lora_rank) if config.lora_rank else None
         self.dim = dim
 
     @classmethod
@@ -182,11 +224,11 @@ class Compartment(nn.Module):
 
             text_dim = width(config.text_encoder)
         return cls(config, n_blocks=c.n_blocks, dim=c.embed_dim, num_classes=n_real, null_class=c.null_class,
-                   num_heads=c.num_heads, text_dim=text_dim)
+                   num_heads=c.num_heads, text_dim=text_dim, mlp_hidden=int(c.embed_dim * c.mlp_ratio))
 
     def init_prompts(self, generator: torch.Generator) -> None:
-        """Prompts, the caption map and adapters' ``down`` ~ N(0, init_std^2); gates, biases and adapters' ``up``
-        at zero (the compartment starts as the backbone)."""
+        """Prompts, the caption map, adapters' ``down`` and LoRA's ``a`` ~ N(0, init_std^2) (drawn in that order);
+        gates, biases, adapters' ``up`` and LoRA's ``b`` at zero (the compartment starts as the backbone)."""
         std = self.config.init_std
         with torch.no_grad():
             w = self.prompts.table.weight
@@ -198,6 +240,10 @@ class Compartment(nn.Module):
             if self.adapters is not None:
                 self.adapters.down.copy_(torch.randn(self.adapters.down.shape, generator=generator) * std)
                 self.adapters.up.zero_()
+            if self.lora is not None:
+                for a, b in self.lora.factors().values():
+                    a.copy_(torch.randn(a.shape, generator=generator) * std)
+                    b.zero_()
 
     def row(self, y: torch.Tensor | None, batch: int) -> torch.Tensor:
         """Prompt-table row of each sample: its class, or the unconditional row for None / the null class."""
@@ -235,37 +281,58 @@ class Compartment(nn.Module):
 
     def net_kwargs(self, y: torch.Tensor | None, text: torch.Tensor | None, batch: int,
                    device: torch.device | str = "cpu") -> dict:
-        """The backbone's keywords (label, prompts, gates, adapters) for ``batch`` rows of this compartment."""
+        """The backbone's keywords (label, prompts, gates, adapters, LoRA) for ``batch`` rows of this compartment."""
         text = self.check_text(text, batch)
         split = self.prompts(self.row(y, batch).to(device))
         tokens = None
         if text is not None:
             tokens = self.text_proj(text.to(device, self.text_proj.weight.dtype)).view(batch, -1, self.dim)
         adapters = None if self.adapters is None else (self.adapters.down.unsqueeze(0), self.adapters.up.unsqueeze(0))
+        lora = None if self.lora is None else self.lora.factors()
         labels = self.backbone_labels(y, batch)
-        return {"y": None if labels is None else labels.to(device), **net_inputs(split, tokens, adapters)}
+        return {"y": None if labels is None else labels.to(device), **net_inputs(split, tokens, adapters, lora)}
+
+    @property
+    def n_parameters(self) -> int:
+        """Numbers the compartment learns (prompts and gates, caption map, adapters, LoRA factors)."""
+        return sum(p.numel() for p in self.parameters())
+
+    @property
+    def device(self) -> torch.device:
+        """Where the compartment's tensors live (training puts them on the backbone's device)."""
+        return self.prompts.table.weight.device
 
     def eps(self, backbone: Backbone, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
             text: torch.Tensor | None = None) -> torch.Tensor:
-        return backbone.net(x, t, **self.net_kwargs(y, text, x.shape[0], x.device))
+        """The keywords are made where the compartment lives and handed to the backbone on its device
+        (differentiably: a compartment on the CPU still trains through a backbone on an accelerator)."""
+        kwargs = self.net_kwargs(y, text, x.shape[0], self.device)
+        if self.device != backbone.device:
+            kwargs = _moved(kwargs, backbone.device)
+        return backbone.net(x, t, **kwargs)
 
     def denoiser(self, backbone: Backbone):
-        """A plain denoiser callable ``eps(x, t, y=None, text=None)`` for the solvers."""
+        """A plain denoiser callable ``eps(x, t, y=None, text=None)`` for the solvers. A frozen compartment (no
+        parameter needs a gradient, e.g. one loaded from a store) that lives elsewhere than the backbone is read
+        through a copy on the backbone's device, made once here; this compartment stays where it is."""
+        comp = self
+        if self.device != backbone.device and not any(p.requires_grad for p in self.parameters()):
+            comp = copy.deepcopy(self).to(backbone.device)
 
         def eps(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
                 text: torch.Tensor | None = None) -> torch.Tensor:
-            return self.eps(backbone, x, t, y, text)
+            return comp.eps(backbone, x, t, y, text)
 
         return eps
 
     # -- tensors on disk (the store adds manifests and hashes) ----------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:
-        """``prompts`` (the table), plus ``text_proj.weight`` / ``text_proj.bias`` and ``adapters.down`` /
-        ``adapters.up`` when the config has them."""
-        out = {"prompts": self.prompts.table.weight.detach().clone()}
+        """``prompts`` (the table), plus ``text_proj.weight`` / ``text_proj.bias``, ``adapters.down`` /
+        ``adapters.up`` and ``lora.<target>_a`` / ``lora.<target>_b`` when the config has them."""
+        out = {"prompts": self.prompts.table.weight.detach().cpu().clone()}  # on the CPU, wherever it trained
         for name, v in self.named_parameters():
             if not name.startswith("prompts."):
-                out[name] = v.detach().clone()
+                out[name] = v.detach().cpu().clone()
         return out
 
     def load_tensors(self, tensors: dict[str, torch.Tensor], origin: str = "compartment") -> None:

@@ -9,6 +9,9 @@ Sparse gating: once a sample's weight on a source falls below ``threshold``, tha
 evaluated for that sample (and its weight is zero; the rest are renormalised). ``evals`` counts the
 (sample, source) evaluations actually made, so the cost is measured, not guessed.
 
+Devices: the composed denoiser works where ``x`` is (the bank's backbone moves what it needs); the priors, gates and
+weights live beside ``x``, and the recorded trajectory is kept on the CPU.
+
 Classifier-free guidance composes from outside (``classifier_free_guidance(composed, scale, {"y": null})``):
 the unconditional half of the batch is then weighted by the unconditional posteriors.
 """
@@ -111,14 +114,15 @@ class ComposedDenoiser:
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         b, n = x.shape[0], self.n
-        log_prior = self.row_log_prior(cond.get("y"), b)
-        if self.active is None or self.active.shape[0] != b:
+        cpu_prior = self.row_log_prior(cond.get("y"), b)  # (B, n) on the CPU, where the single weighting draws
+        log_prior = cpu_prior.to(x.device)
+        if self.active is None or self.active.shape[0] != b or self.active.device != x.device:
             self.reset()
-            self.active = torch.ones(b, n, dtype=torch.bool)
+            self.active = torch.ones(b, n, dtype=torch.bool, device=x.device)
         self.active &= ~log_prior.isinf()  # a zero prior: never evaluate that source for that row
         if isinstance(self.weighting, SingleWeighting):  # only the drawn source is ever evaluated
-            k = self.weighting.choose(b, log_prior)
-            self.active = torch.nn.functional.one_hot(k, n).bool()
+            k = self.weighting.choose(b, cpu_prior)
+            self.active = torch.nn.functional.one_hot(k, n).bool().to(x.device)
         rows, idx = self.active.nonzero(as_tuple=True)
         sub = {k: (v[rows] if torch.is_tensor(v) and v.ndim and v.shape[0] == b else v) for k, v in cond.items()}
         extra = {}

@@ -14,6 +14,10 @@ conditioning draw come from a generator seeded by ``(seed, step)``; sources are 
 so a head depends on the content of its data, not its order. ``cond_share`` of the rows run the forward with
 the sample's class prompts (the rest with the source's unconditional prompts), so the heads also serve
 class-conditional composition, where the right weights are ``lambda_i p_t^i(x, y)``.
+
+Devices: heads, optimiser, the pooled data and every batch live on the backbone's device (the noisy classifier,
+which has no backbone, on ``device``); the draws are made on the CPU from the per-step generators and moved, so a
+head's training data are the same numbers on every device.
 """
 
 from __future__ import annotations
@@ -98,21 +102,23 @@ class _Pool:
     """Sources in model space (canonical order), and the draw of a balanced batch of noisy samples."""
 
     def __init__(self, codec: Codec, sources: Sequence[Source], num_classes: int | None,
-                 inputs: Sequence[torch.Tensor | None] | None = None, texts: Sequence | None = None):
+                 inputs: Sequence[torch.Tensor | None] | None = None, texts: Sequence | None = None,
+                 device: torch.device | str = "cpu"):
         from ..training.compartment import canonical_index, model_space
 
+        self.device = torch.device(device)
         self.x, self.y, self.text, self.empty = [], [], [], None
         for i, s in enumerate(sources):
             if len(s) == 0:
                 raise DataError(f"{s.id}: the source is empty")
             d, x = model_space(codec, s, None if inputs is None else inputs[i])
-            self.x.append(x)
+            self.x.append(x.to(self.device))
             if texts is not None:  # caption embeddings (CaptionEmbeddings, source order) of text compartments
-                self.text.append(texts[i].rows[torch.from_numpy(canonical_index(s))])
-                self.empty = texts[i].empty
+                self.text.append(texts[i].rows[torch.from_numpy(canonical_index(s))].to(self.device))
+                self.empty = texts[i].empty.to(self.device)
             # labels are used for class prompts only when the compartment has a row for every one of them
             usable = d.labels is not None and num_classes is not None and int(d.labels.max()) < num_classes
-            self.y.append(torch.tensor(np.array(d.labels), dtype=torch.long) if usable else None)
+            self.y.append(torch.tensor(np.array(d.labels), dtype=torch.long).to(self.device) if usable else None)
 
     def __len__(self) -> int:
         return len(self.x)
@@ -121,13 +127,15 @@ class _Pool:
              null: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """``x_t`` (B, C, S, S), ``t`` (B,), ``y`` (B,) (the null class on unconditional rows; None when no row
         is conditional) and ``text`` (B, dim) (a pool with captions: each conditional row's caption embedding, the
-        empty caption's on the others; else None) for rows drawn from sources ``k`` (B,)."""
-        b = k.shape[0]
-        u = torch.rand(b, generator=g)
-        x0 = torch.empty((b, *self.x[0].shape[1:]))
-        y = torch.full((b,), -1, dtype=torch.long)
+        empty caption's on the others; else None) for rows drawn from sources ``k`` (B,), on the pool's device (the
+        draws are made on the CPU from ``g``)."""
+        b, dev = k.shape[0], self.device
+        k = k.to(dev)
+        u = torch.rand(b, generator=g).to(dev)
+        x0 = torch.empty((b, *self.x[0].shape[1:]), device=dev)
+        y = torch.full((b,), -1, dtype=torch.long, device=dev)
         text = None if not self.text else self.empty.expand(b, -1).clone()
-        captioned = torch.zeros(b, dtype=torch.bool)
+        captioned = torch.zeros(b, dtype=torch.bool, device=dev)
         for j in range(len(self)):
             rows = (k == j).nonzero()[:, 0]
             if not rows.numel():
@@ -139,10 +147,10 @@ class _Pool:
             if text is not None:
                 text[rows] = self.text[j][idx]
                 captioned[rows] = True
-        share = torch.rand(b, generator=g) < cond_share
+        share = (torch.rand(b, generator=g) < cond_share).to(dev)
         cond = share & (y >= 0)
-        t = torch.randint(0, schedule.num_train_timesteps, (b,), generator=g)
-        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, schedule.num_train_timesteps, (b,), generator=g).to(dev)
+        noise = torch.randn(x0.shape, generator=g).to(dev)
         xt = schedule.add_noise(x0, noise, t)
         text = None if text is None else torch.where((share & captioned)[:, None], text, self.empty)
         if null is None or not cond.any():
@@ -155,12 +163,14 @@ def _balanced(n: int, b: int, g: torch.Generator) -> torch.Tensor:
     return (torch.arange(b) + torch.randint(0, n, (1,), generator=g)) % n
 
 
-def _seeded(factory: Callable[[], nn.Module], tag: str, seed: int) -> nn.Module:
-    """Build a module with parameters drawn from a seed of its own (the global RNG is left as it was)."""
+def _seeded(factory: Callable[[], nn.Module], tag: str, seed: int,
+            device: torch.device | str = "cpu") -> nn.Module:
+    """Build a module with parameters drawn from a seed of its own (the global RNG is left as it was), on the CPU,
+    then move it to ``device``."""
     g = step_generator(tag + "/init", seed, 0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=g)))
-        return factory()
+        return factory().to(device)
 
 
 def _optimise(module: nn.Module, loss_fn: Callable[[torch.Generator], torch.Tensor], cfg: HeadConfig, *, tag: str,
@@ -228,7 +238,7 @@ def router_logits(bank: CompartmentBank, heads: HeadBank, x: torch.Tensor, t: to
     t_rep = t.repeat_interleave(n, dim=0)
     y_rep = None if y is None else y.repeat_interleave(n, dim=0)
     cond = {} if text is None else {"text": text.repeat_interleave(n, dim=0)}
-    index = torch.arange(n).repeat(b)
+    index = torch.arange(n, device=x.device).repeat(b)
     with torch.no_grad():
         _, mid = bank(x_rep, t_rep, index, y=y_rep, return_mid=True, **cond)
     return heads(mid.view(b, n, *mid.shape[1:]))
@@ -264,16 +274,17 @@ def train_router(backbone: Backbone, compartments: Sequence[Compartment], source
         from ..text import caption_embeddings
 
         texts = [caption_embeddings(s.captions or (), first.config.text_encoder) for s in sources]
+    dev = backbone.device
     pool = _Pool(backbone.codec, sources, first.num_classes if first.config.conditional else None, inputs,
-                 texts if first.config.text else None)
+                 texts if first.config.text else None, device=dev)
     null = backbone.config.null_class if first.config.conditional else None
     tag = _TAG + "/router"
     with deterministic_algorithms():
-        heads = _seeded(lambda: HeadBank.create(n, backbone.config.embed_dim, cfg.num_heads), tag, cfg.seed)
+        heads = _seeded(lambda: HeadBank.create(n, backbone.config.embed_dim, cfg.num_heads), tag, cfg.seed, dev)
 
         def draw(g: torch.Generator, b: int):
             k = _balanced(n, b, g)
-            return (*pool.draw(k, g, backbone.schedule, cfg.cond_share, null), k)
+            return (*pool.draw(k, g, backbone.schedule, cfg.cond_share, null), k.to(dev))
 
         def loss_fn(g: torch.Generator) -> torch.Tensor:
             xt, t, y, text, k = draw(g, cfg.batch_size)
@@ -316,7 +327,7 @@ def fit_density_ratio(head: nn.Module, features: Callable[..., torch.Tensor], po
         xn, tn, yn = negative(g, m)
         with torch.no_grad():
             feats = torch.cat([features(xp, tp, yp), features(xn, tn, yn)])
-        target = torch.cat([torch.ones(m), torch.zeros(m)])
+        target = torch.cat([torch.ones(m), torch.zeros(m)]).to(feats.device)
         return feats, target, torch.cat([tp, tn])
 
     def loss_fn(g: torch.Generator) -> torch.Tensor:
@@ -345,10 +356,12 @@ def train_isolated_head(backbone: Backbone, compartment: Compartment, source: So
         raise TrainingError("isolated heads need public core data with captions like the source's: not supported "
                             "for text compartments (use the router or ito)")
     backbone.freeze()
+    dev = backbone.device
     bank = CompartmentBank(backbone, [compartment])
     num_classes = compartment.num_classes if compartment.config.conditional else None
     null = backbone.config.null_class if compartment.config.conditional else None
-    pos, neg = _Pool(backbone.codec, [source], num_classes, [inputs]), _Pool(backbone.codec, [core], num_classes)
+    pos = _Pool(backbone.codec, [source], num_classes, [inputs], device=dev)
+    neg = _Pool(backbone.codec, [core], num_classes, device=dev)
     tag = _TAG + "/isolated"
 
     def drawer(pool: _Pool):
@@ -356,9 +369,9 @@ def train_isolated_head(backbone: Backbone, compartment: Compartment, source: So
                                       null)[:3]  # no captions: isolated heads refuse text compartments
 
     def features(x, t, y):
-        return bank(x, t, torch.zeros(x.shape[0], dtype=torch.long), y=y, return_mid=True)[1]
+        return bank(x, t, torch.zeros(x.shape[0], dtype=torch.long, device=x.device), y=y, return_mid=True)[1]
 
-    head = _seeded(lambda: AttentionPoolHead(backbone.config.embed_dim, cfg.num_heads), tag, cfg.seed)
+    head = _seeded(lambda: AttentionPoolHead(backbone.config.embed_dim, cfg.num_heads), tag, cfg.seed, dev)
     fit = fit_density_ratio(head, features, drawer(pos), drawer(neg), cfg, tag=tag,
                             name=f"isolated head {source.id}", num_timesteps=backbone.schedule.num_train_timesteps,
                             progress=progress)
@@ -374,23 +387,26 @@ def train_isolated_head(backbone: Backbone, compartment: Compartment, source: So
 
 def train_noisy_classifier(schedule: NoiseSchedule, codec: Codec, sources: Sequence[Source], *,
                            cfg: HeadConfig | None = None, progress: bool = False,
-                           inputs: Sequence[torch.Tensor | None] | None = None,
+                           inputs: Sequence[torch.Tensor | None] | None = None, device: torch.device | str = "cpu",
                            **overrides) -> tuple[NoisyClassifier, dict]:
     """Train a noisy classifier ``f(x_t, t)`` over the sources: CE on ``(x_t from source k, k)``, balanced
-    batches, uniform t. Keywords as :func:`train_router`. Returns ``(model, record)``."""
+    batches, uniform t. Keywords as :func:`train_router`; ``device``: where it trains (it reads no backbone; pass
+    the backbone's). Returns ``(model, record)``, the model on ``device``."""
     cfg = _config(cfg, overrides)
     _check_sources(None, sources, "noisy classifier")
     n, T = len(sources), schedule.num_train_timesteps
-    pool = _Pool(codec, sources, None, inputs)
+    dev = torch.device(device)
+    pool = _Pool(codec, sources, None, inputs, device=dev)
     tag = _TAG + "/classifier"
     c, s = pool.x[0].shape[1], pool.x[0].shape[2]
     with deterministic_algorithms():
-        model = _seeded(lambda: NoisyClassifier(n, img_size=s, in_chans=c, channels=cfg.channels), tag, cfg.seed)
+        model = _seeded(lambda: NoisyClassifier(n, img_size=s, in_chans=c, channels=cfg.channels), tag, cfg.seed,
+                        dev)
 
         def draw(g: torch.Generator, b: int):
             k = _balanced(n, b, g)
             xt, t, _, _ = pool.draw(k, g, schedule, 0.0, None)
-            return xt, t, k
+            return xt, t, k.to(dev)
 
         def loss_fn(g: torch.Generator) -> torch.Tensor:
             xt, t, k = draw(g, cfg.batch_size)

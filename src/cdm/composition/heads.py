@@ -171,5 +171,6 @@ def load_noisy_classifier(tensors: dict[str, torch.Tensor], arch: dict,
 
 
 def state_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
-    """A module's state dict as contiguous, detached copies (what the store writes as safetensors)."""
-    return {k: v.detach().clone().contiguous() for k, v in module.state_dict().items()}
+    """A module's state dict as contiguous, detached CPU copies (what the store writes as safetensors), wherever the
+    module lives."""
+    return {k: v.detach().cpu().clone().contiguous() for k, v in module.state_dict().items()}

@@ -15,7 +15,8 @@ Three learned weightings plug into :class:`~cdm.composition.ComposedDenoiser` (r
   a CNN on the model-space image with a sinusoidal time embedding; not tied to the backbone's forward.
 
 The heads themselves are in :mod:`cdm.composition.heads`, their training (balanced batches, seeded draws) in
-:mod:`cdm.composition.head_training`.
+:mod:`cdm.composition.head_training`. A weighting's module follows the tensors it reads: it is moved (once, in
+place) to the device of the mid tokens or samples it is given, e.g. the backbone's.
 """
 
 from __future__ import annotations
@@ -48,8 +49,10 @@ class RouterWeighting:
     def log_likelihood(self, x, t, eps, active, log_prior, mid=None, **extra):
         if mid is None:
             raise ValueError(f"the {self.name} weighting reads mid-block tokens: compose through a CompartmentBank")
-        dtype = next(self.heads.parameters()).dtype
-        return self.heads(mid.to(dtype), active).double()
+        p = next(self.heads.parameters())
+        if p.device != mid.device:
+            self.heads.to(mid.device)
+        return self.heads(mid.to(p.dtype), active.to(mid.device)).double()
 
 
 class IsolatedWeighting(RouterWeighting):
@@ -97,6 +100,8 @@ class ClassifierWeighting:
 
     @torch.no_grad()
     def log_likelihood(self, x, t, eps, active, log_prior, **extra):
-        dtype = next(self.model.parameters()).dtype
-        logits = self.model(x.to(dtype), t).double()
+        p = next(self.model.parameters())
+        if p.device != x.device:
+            self.model.to(x.device)
+        logits = self.model(x.to(p.dtype), t.to(x.device)).double()
         return logits if self.columns is None else logits[:, self.columns.to(logits.device)]

@@ -33,6 +33,9 @@ each source grows only through ``<dx, s_i>``), and ``d`` is common to all source
 softmax. In discrete time, ``beta dtau`` over a step from t to t' < t is ``log abar_{t'} - log abar_t``. The
 path must carry the forward diffusion's noise: sample with the ``ddpm`` (ancestral) solver. With a
 deterministic solver the divergence term does not cancel and this estimator is biased.
+
+Devices: every weighting returns its (B, n) logits on the device of ``active`` (the composed denoiser's, i.e. the
+samples'); random draws (the single baseline's) are made on the CPU and moved.
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ class NaiveWeighting:
         pass
 
     def log_likelihood(self, x, t, eps, active, log_prior, **extra):
-        return torch.zeros(active.shape, dtype=torch.float64)
+        return torch.zeros(active.shape, dtype=torch.float64, device=active.device)
 
 
 class SingleWeighting:
@@ -85,15 +88,16 @@ class SingleWeighting:
         self.choice = None
 
     def choose(self, batch: int, log_prior: torch.Tensor) -> torch.Tensor:
+        """The drawn source of each row, (B,) on the CPU (where the generator draws)."""
         if self.choice is None or self.choice.shape[0] != batch:
-            probs = log_prior.double().softmax(-1)  # (n,) or (B, n)
+            probs = log_prior.double().cpu().softmax(-1)  # (n,) or (B, n)
             self.choice = torch.multinomial(probs.expand(batch, -1), 1, generator=self.generator)[:, 0]
         return self.choice
 
     def log_likelihood(self, x, t, eps, active, log_prior, **extra):
-        k = self.choose(x.shape[0], log_prior)
-        out = torch.full(active.shape, float("-inf"), dtype=torch.float64)
-        out[torch.arange(x.shape[0]), k] = 0.0
+        k = self.choose(x.shape[0], log_prior).to(active.device)
+        out = torch.full(active.shape, float("-inf"), dtype=torch.float64, device=active.device)
+        out[torch.arange(x.shape[0], device=active.device), k] = 0.0
         return out
 
 
@@ -109,7 +113,7 @@ class OracleWeighting:
         pass
 
     def log_likelihood(self, x, t, eps, active, log_prior, **extra):
-        return torch.stack([f(x, t).double() for f in self.log_density], dim=1)
+        return torch.stack([f(x, t).double().to(active.device) for f in self.log_density], dim=1)
 
 
 class ItoWeighting:
@@ -118,8 +122,16 @@ class ItoWeighting:
     name = "ito"
 
     def __init__(self, schedule: NoiseSchedule):
-        self.log_abar = schedule.alphas_cumprod.log()
+        self.log_abar = schedule.alphas_cumprod.log()  # float64, on the CPU; a copy per device in _log_abar
+        self._on: dict[torch.device, torch.Tensor] = {}
         self.reset()
+
+    def _log_abar(self, device: torch.device) -> torch.Tensor:
+        if device == self.log_abar.device:
+            return self.log_abar
+        if device not in self._on:
+            self._on[device] = self.log_abar.to(device)
+        return self._on[device]
 
     def reset(self) -> None:
         self.log_q: torch.Tensor | None = None
@@ -127,13 +139,14 @@ class ItoWeighting:
 
     def log_likelihood(self, x, t, eps, active, log_prior, **extra):
         b, n = active.shape
-        sigma = (1 - self.log_abar[t].exp()).sqrt().view(b, 1, *([1] * (x.ndim - 1)))
+        log_abar = self._log_abar(t.device)
+        sigma = (1 - log_abar[t].exp()).sqrt().view(b, 1, *([1] * (x.ndim - 1)))
         scores = -eps.double() / sigma
-        if self.log_q is None or self.log_q.shape != (b, n) or self.prev is None:
-            self.log_q = torch.zeros(b, n, dtype=torch.float64)  # at t = T every source is N(0, I)
+        if self.log_q is None or self.log_q.shape != (b, n) or self.prev is None or self.log_q.device != x.device:
+            self.log_q = torch.zeros(b, n, dtype=torch.float64, device=x.device)  # at t = T every source is N(0, I)
         else:
             x0, t0, s0 = self.prev
-            beta_dtau = (self.log_abar[t] - self.log_abar[t0]).view(b, 1)  # > 0: abar grows as t decreases
+            beta_dtau = (log_abar[t] - log_abar[t0]).view(b, 1)  # > 0: abar grows as t decreases
             dx = (x.double() - x0.double()).unsqueeze(1)
             flat = lambda v: v.flatten(2)  # noqa: E731
             inner_dx = (flat(dx) * flat(s0)).sum(-1)

@@ -67,8 +67,8 @@ def attribute_samples(store: Store, backbone: Backbone, names: list[str], *, n: 
     m = backbone.codec.model_size
     noise = torch.randn((n, backbone.config.in_chans, m, m), generator=torch.Generator().manual_seed(seed))
     out = attribute(bank, noise, schedule=backbone.schedule, priors=row_priors, weighting=w,
-                    x0_range=backbone.codec.x0_range, cond=cond,
-                    steps=steps, probes=probes, exact=exact, seed=seed)
+                    x0_range=backbone.codec.x0_range, cond=cond, device=backbone.device,
+                    steps=steps, probes=probes, exact=exact, seed=seed)  # noise drawn on the CPU, moved there
     keep = ("credit", "credit_se", "weight_path", "loglik_change", "weights", "x0", "probes")
     return Attribution(images=backbone.codec.decode(torch.as_tensor(out["x0"])), names=list(names),
                        priors=list(priors), density=density, credit=out["credit"], credit_se=out["credit_se"],

@@ -69,7 +69,7 @@ def train_router_op(store: Store, backbone: Backbone, names: list[str] | None = 
                                       texts=texts)
     else:
         module, record = train_noisy_classifier(backbone.schedule, backbone.codec, sources, cfg=cfg,
-                                                progress=progress, inputs=inputs)
+                                                progress=progress, inputs=inputs, device=backbone.device)
     for entry, name in zip(record["sources_seen"], names, strict=True):
         entry["name"] = name
         if name in comp_rows:
@@ -127,7 +127,8 @@ def _check_seen(manifest: dict, names: list[str], store: Store, what: str, compa
 
 
 def load_weighting(store: Store, backbone: Backbone, names: list[str], weighting: str):
-    """The learned weighting ``weighting`` (router | classifier | isolated) for sources ``names``, in order."""
+    """The learned weighting ``weighting`` (router | classifier | isolated) for sources ``names``, in order, its
+    heads on the backbone's device."""
     from ..composition import ClassifierWeighting, HeadBank, IsolatedWeighting, RouterWeighting
     from ..composition.heads import load_head, load_head_bank, load_noisy_classifier
 
@@ -145,9 +146,10 @@ def load_weighting(store: Store, backbone: Backbone, names: list[str], weighting
         _check_seen(manifest, names, store, what, compartments=weighting == "router")
         columns = [row["sources"].index(n) for n in names]
         if weighting == "router":
-            return RouterWeighting(load_head_bank(tensors, manifest["arch"], f"router '{cid}'").select(columns))
-        return ClassifierWeighting(load_noisy_classifier(tensors, manifest["arch"], f"noisy classifier '{cid}'"),
-                                   columns)
+            bank = load_head_bank(tensors, manifest["arch"], f"router '{cid}'").select(columns)
+            return RouterWeighting(bank.to(backbone.device))
+        model = load_noisy_classifier(tensors, manifest["arch"], f"noisy classifier '{cid}'")
+        return ClassifierWeighting(model.to(backbone.device), columns)
     if weighting != "isolated":
         raise CdmError(f"unknown learned weighting {weighting!r}; known: {', '.join(LEARNED_WEIGHTINGS)}")
     have = {r["cid"] for r in store.compartments(kind=ISOLATED_KIND)}
@@ -164,7 +166,7 @@ def load_weighting(store: Store, backbone: Backbone, names: list[str], weighting
     if len(cores) != 1:
         raise CdmError(f"the isolated heads of {listed} were trained against different core sets; their ratios "
                        "do not compose: retrain them against one core")
-    return IsolatedWeighting(HeadBank(heads))
+    return IsolatedWeighting(HeadBank(heads).to(backbone.device))
 
 
 def runnable_weightings(store: Store, sources: list[str]) -> list[str]:

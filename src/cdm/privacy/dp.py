@@ -20,8 +20,10 @@ How a step goes (Abadi et al. 2016, with augmentation multiplicity as in De et a
 
 Deterministic given (source content, configs, seed): canonical order, per-step generators for the Poisson
 mask, timesteps, noise, label dropout and the DP noise. The DP noise is drawn from a seeded CPU generator
-so runs are reproducible; that is a *pseudo*-random source, which is what every DP-SGD implementation
-including Opacus' default uses (Opacus' ``secure_mode`` is the cryptographic alternative; not used here).
+so runs are reproducible (and the same draws on every device: every draw is made on the CPU and moved to the
+backbone's device, where the prompt table, the optimiser and the batches live); that is a *pseudo*-random
+source, which is what every DP-SGD implementation including Opacus' default uses (Opacus' ``secure_mode`` is
+the cryptographic alternative; not used here).
 """
 
 from __future__ import annotations
@@ -154,7 +156,8 @@ def per_sample_grads(gsm, comp: Compartment, xt: torch.Tensor, t: torch.Tensor, 
     the per-row losses. ``gsm``: Opacus' ``GradSampleModule`` around a :class:`PromptDenoiser` of ``comp``."""
     rows = xt.shape[0]
     weight = comp.prompts.table.weight
-    eps = gsm(xt, t, comp.row(y, rows), comp.backbone_labels(y, rows))
+    labels = comp.backbone_labels(y, rows)
+    eps = gsm(xt, t, comp.row(y, rows).to(weight.device), None if labels is None else labels.to(weight.device))
     per_row = (eps.float() - noise).pow(2).flatten(1).mean(1)
     weight.grad_sample = None
     with warnings.catch_warnings():
@@ -186,9 +189,12 @@ def _train(backbone: Backbone, source: Source, cfg: CompartmentConfig, dp: DPCon
         raise TrainingError(f"epsilon {dp.epsilon:g} needs noise multiplier {sigma:.1f} (> {max_noise_multiplier:g}) "
                             f"with {cfg.steps} steps at expected batch {cfg.batch_size} of {n} samples: the noise "
                             "would drown every gradient; allow a larger epsilon or use fewer steps")
+    dev = backbone.device
     data, x_all = model_space(backbone.codec, source, inputs)
     y_all = torch.tensor(data.labels if data.labels is not None else np.zeros(n), dtype=torch.long)
-    comp.init_prompts(step_generator(_TAG + "/init", cfg.seed, 0))
+    x_all, y_all = x_all.to(dev), y_all.to(dev)
+    comp.init_prompts(step_generator(_TAG + "/init", cfg.seed, 0))  # drawn on the CPU
+    comp.to(dev)
     model = PromptDenoiser(backbone, comp)
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
     weight = comp.prompts.table.weight
@@ -209,20 +215,20 @@ def _train(backbone: Backbone, source: Source, cfg: CompartmentConfig, dp: DPCon
     with progress_bar(f"dp compartment {source.id}", cfg.steps, step, progress) as show:
         while step < cfg.steps:
             g = step_generator(_TAG, cfg.seed, step)
-            chosen = (torch.rand(n, generator=g) < q).nonzero()[:, 0]
+            chosen = (torch.rand(n, generator=g) < q).nonzero()[:, 0].to(dev)
             b = int(chosen.numel())
             batch_sizes.append(b)
             rows = y_all[chosen].clone()
             if cfg.conditional:
-                rows[torch.rand(b, generator=g) < cfg.label_dropout] = comp.null_class
+                rows[(torch.rand(b, generator=g) < cfg.label_dropout).to(dev)] = comp.null_class
             else:
                 rows.zero_()
             total = torch.zeros_like(weight)
             if b > 0:
                 x0 = x_all[chosen].repeat_interleave(K, dim=0)
                 rows_k = rows.repeat_interleave(K)
-                t = torch.randint(0, sched.num_train_timesteps, (b * K,), generator=g)
-                noise = torch.randn(x0.shape, generator=g)
+                t = torch.randint(0, sched.num_train_timesteps, (b * K,), generator=g).to(dev)
+                noise = torch.randn(x0.shape, generator=g).to(dev)
                 gs, per_row = per_sample_grads(gsm, comp, sched.add_noise(x0, noise, t), t, noise,
                                                rows_k if cfg.conditional else None, K)
                 loss = per_row.mean()
@@ -232,7 +238,7 @@ def _train(backbone: Backbone, source: Source, cfg: CompartmentConfig, dp: DPCon
                 if not torch.isfinite(loss):
                     raise TrainingError(f"loss is {loss.item()} at step {step} of compartment {source.id!r}; stopped")
                 losses.append(round(loss.item(), 5))
-            noisy = (total + torch.randn(weight.shape, generator=g) * (sigma * C)) / cfg.batch_size
+            noisy = (total + torch.randn(weight.shape, generator=g).to(dev) * (sigma * C)) / cfg.batch_size
             weight.grad = noisy
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, lr=cfg.lr, warmup=cfg.warmup, steps=cfg.steps, schedule=cfg.lr_schedule)

@@ -9,6 +9,9 @@ Both solvers use "trailing" timestep spacing (the first step starts at t = T-1, 
 pure noise). With ``clip=True`` they clip the predicted x_0 to [-1, 1] (``clip=r``: to [-r, r]) with epsilon
 recomputed from the clipped x_0. That is a property of the data, not of the solver: it is off by default, and
 ``cdm.generation`` sets it to the data's codec's ``x0_range`` (pixels: 1; latents: their recorded range).
+
+Devices: a solver works where the noise is (``cdm.generation`` puts it on the backbone's device); stochastic
+solvers draw their per-step noise on the CPU from ``generator`` and move it, so a device changes no draw.
 """
 
 from __future__ import annotations

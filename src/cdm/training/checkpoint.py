@@ -1,5 +1,6 @@
 """Resumable training state in ONE safetensors file (atomic rename), so a kill at any moment leaves the
-previous checkpoint or the new one. Holds the model, its EMA, AdamW moments and a JSON header."""
+previous checkpoint or the new one. Holds the model, its EMA, AdamW moments and a JSON header. Tensors are written
+from the CPU (whatever device trained them) and loaded back beside the parameters they belong to."""
 
 from __future__ import annotations
 
@@ -47,5 +48,5 @@ def load_checkpoint(path: Path, net: nn.Module, ema: nn.Module | None, opt: torc
             if name not in params:
                 raise WeightsError(f"{path}: optimizer state for unknown parameter {name!r}")
             p = params[name]
-            opt.state[p][field] = v.reshape(()) if field == "step" else v
+            opt.state[p][field] = v.reshape(()) if field == "step" else v.to(p.device)  # moments beside their parameter
     return header

@@ -9,6 +9,7 @@ compartment on a source minus some samples is bit-identical to training on that 
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from collections.abc import Callable
@@ -112,10 +113,12 @@ def _train_compartment(
     """Train a compartment; returns ``(compartment, record)``, or ``(None, record)`` if ``max_minutes`` paused it.
 
     ``work_dir`` (optional) holds the resumable checkpoint; a finished run leaves it for the caller to clear.
-    The backbone is frozen and never written.
+    The backbone is frozen and never written. Everything runs on the backbone's device (prompts, optimiser,
+    data, noise); the random draws are made on the CPU from the per-step generators and moved there.
     """
     lr_at(0, lr=cfg.lr, warmup=cfg.warmup, steps=cfg.steps, schedule=cfg.lr_schedule)  # validates the schedule
     backbone.freeze()
+    dev = backbone.device
     comp = Compartment.for_backbone(backbone, cfg)
     check_source_fits(source, comp)
     data, x_all = model_space(backbone.codec, source, inputs)
@@ -123,15 +126,19 @@ def _train_compartment(
     train_idx, val_idx = split_validation(data, cfg.validation)
     val = None
     if val_idx is not None:
-        val = (x_all[torch.from_numpy(val_idx)],
-               torch.tensor(data.labels[val_idx], dtype=torch.long) if cfg.conditional else None,
-               None if captions is None else captions.rows[torch.from_numpy(val_idx)])
+        val = (x_all[torch.from_numpy(val_idx)].to(dev),
+               torch.tensor(data.labels[val_idx], dtype=torch.long).to(dev) if cfg.conditional else None,
+               None if captions is None else captions.rows[torch.from_numpy(val_idx)].to(dev))
         data, x_all = data.subset(train_idx, id=data.id), x_all[torch.from_numpy(train_idx)]
         captions = None if captions is None else captions.subset(train_idx)
     y_all = torch.tensor(data.labels if data.labels is not None else np.zeros(len(data)), dtype=torch.long)
-    comp.init_prompts(step_generator(_TAG + "/init", cfg.seed, 0))
+    x_all, y_all = x_all.to(dev), y_all.to(dev)
+    cap_rows = None if captions is None else captions.rows.to(dev)
+    cap_empty = None if captions is None else captions.empty.to(dev)
+    comp.init_prompts(step_generator(_TAG + "/init", cfg.seed, 0))  # drawn on the CPU
+    comp.to(dev)
     opt = torch.optim.Adam(comp.parameters(), lr=cfg.lr)
-    best = Compartment.for_backbone(backbone, cfg)  # the prompts of the best validated step so far
+    best = Compartment.for_backbone(backbone, cfg).to(dev)  # the prompts of the best validated step so far
     best.load_state_dict(comp.state_dict())
     step, wall, losses, curve = 0, 0.0, [], []
     ckpt = Path(work_dir) / "checkpoint.safetensors" if work_dir is not None else None
@@ -169,27 +176,29 @@ def _train_compartment(
             idx = torch.randint(0, len(data), (cfg.batch_size,), generator=g)
             if on_batch is not None:
                 on_batch(data.images[idx.numpy()])
-            x0, rows = x_all[idx], y_all[idx].clone()
+            at = idx.to(dev)
+            x0, rows = x_all[at], y_all[at].clone()
             cond = {}
             if cfg.conditional:
-                rows[torch.rand(cfg.batch_size, generator=g) < cfg.label_dropout] = comp.null_class
+                rows[(torch.rand(cfg.batch_size, generator=g) < cfg.label_dropout).to(dev)] = comp.null_class
                 cond["y"] = rows
             elif captions is not None:  # the empty caption on a label_dropout share: the unconditional branch
-                drop = torch.rand(cfg.batch_size, generator=g) < cfg.label_dropout
-                cond["text"] = torch.where(drop[:, None], captions.empty[None], captions.rows[idx])
+                drop = (torch.rand(cfg.batch_size, generator=g) < cfg.label_dropout).to(dev)
+                cond["text"] = torch.where(drop[:, None], cap_empty[None], cap_rows[at])
             t, noise = draw_noise(x0, backbone.schedule, g)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, lr=cfg.lr, warmup=cfg.warmup, steps=cfg.steps, schedule=cfg.lr_schedule)
             loss = eps_loss(comp.denoiser(backbone), x0, t, noise, backbone.schedule, **cond)
-            if not torch.isfinite(loss):
-                raise TrainingError(f"loss is {loss.item()} at step {step} of compartment {source.id!r}; stopped"
+            value = loss.item()  # one host sync per step on an accelerator
+            if not math.isfinite(value):
+                raise TrainingError(f"loss is {value} at step {step} of compartment {source.id!r}; stopped"
                                     + (f" (last good checkpoint: step {last_save})" if ckpt else ""))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(comp.parameters(), cfg.grad_clip)
             opt.step()
             step += 1
-            losses.append(round(loss.item(), 5))
+            losses.append(round(value, 5))
             show(step, float(np.mean(losses[-50:])))
             if step % cfg.validate_every == 0 or step == cfg.steps:
                 validate()

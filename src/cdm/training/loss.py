@@ -15,9 +15,12 @@ __all__ = ["draw_noise", "eps_loss", "held_out_loss"]
 
 def draw_noise(x0: torch.Tensor, schedule: NoiseSchedule,
                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Uniform integer timesteps and standard normal noise for a batch."""
+    """Uniform integer timesteps and standard normal noise for a batch, on ``x0``'s device. ``generator`` is a CPU
+    generator: the draws are made on the CPU and moved, so they are the same numbers on every device."""
     t = torch.randint(0, schedule.num_train_timesteps, (x0.shape[0],), generator=generator)
     noise = torch.randn(x0.shape, generator=generator)
+    if x0.device != t.device:
+        t, noise = t.to(x0.device), noise.to(x0.device)
     return t, noise
 
 
@@ -34,7 +37,7 @@ def held_out_loss(eps: Denoiser, x0: torch.Tensor, schedule: NoiseSchedule, *, y
                   draws: int = 4, seed: int = 0, batch_size: int = 500, text: torch.Tensor | None = None) -> float:
     """Mean denoising loss over ``draws`` fixed (t, noise) draws per sample: the same seed gives the same draws,
     so two denoisers scored with one seed are compared on identical noise. ``y`` / ``text``: per-sample labels
-    or caption embeddings."""
+    or caption embeddings. Runs on ``x0``'s device (the draws are made on the CPU and moved)."""
     g = torch.Generator().manual_seed(seed)
     total, count = 0.0, 0
     for _ in range(draws):
