@@ -100,8 +100,16 @@ def test_generate_response(served):
     again = srv.request("POST", "/v1/generate", body, token=tokens["ab"])[1]
     assert [i["png"] for i in again["images"]] == [i["png"] for i in out["images"]]  # seeded: reproducible
     status, out = srv.request("POST", "/v1/generate", {"n": 2, "steps": 3, "weighting": "naive"}, token=tokens["bg"])
-    assert status == 200 and out["solver"] == "ddim" and out["images"][0]["label"] is None  # unconditional
-    assert out["images"][0]["weights"] == pytest.approx({"beta": 0.5, "gamma": 0.5}, abs=0.01)
+    # unconditional: each image's class is drawn from the sources' class mixture, then naive weighs the sources
+    # by their share of that class, lambda_i(y)
+    assert status == 200 and out["solver"] == "ddim"
+    parts = small_parts()
+    counts = {s: np.bincount(parts[s].labels, minlength=10) for s in ("beta", "gamma")}
+    for img in out["images"]:
+        y = img["label"]
+        assert y in range(10) and counts["beta"][y] + counts["gamma"][y] > 0
+        share = counts["beta"][y] / (counts["beta"][y] + counts["gamma"][y])
+        assert img["weights"] == pytest.approx({"beta": share, "gamma": 1 - share}, abs=0.01)
 
 
 def test_limits_and_errors(served):

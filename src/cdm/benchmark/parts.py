@@ -17,7 +17,7 @@ from ..store import Store
 from ..viz import write_samples
 from .bench import Bench
 from .plots import plot_continual, plot_credit, plot_two_domain
-from .profiles import DOMAINS, METHODS, class_groups
+from .profiles import DOMAINS, METHODS, class_groups, methods
 
 __all__ = ["CLASS_PRIOR", "PARTS", "attribution", "continual", "cost", "dp", "forget", "memorization", "paragon",
            "table1", "table1_classes", "two_domain", "unconditional"]
@@ -57,8 +57,8 @@ def table1(bench: Bench, paragon: dict) -> dict:
         st, names, train_s = bench.stratified_store(k)
         cells = {"paragon": paragon["fid"]}
         info = {"compartment_steps": bench.p.budget // k, "train_seconds": train_s,
-                **_train_heads(bench, st, names, METHODS)}
-        for method in METHODS:
+                **_train_heads(bench, st, names, methods(bench.p))}
+        for method in methods(bench.p):
             res = bench.sample(st, names, f"table1-k{k}-{method}", weighting=method, labels=bench.labels)
             res.pop("_trajectory", None)
             cells[method] = res["fid"]
@@ -80,8 +80,8 @@ def table1_classes(bench: Bench, paragon: dict) -> dict:
         st, names, train_s = bench.class_group_store(k)
         cells = {"paragon": paragon["fid"]}
         info = {"groups": class_groups(k), "compartment_steps": bench.p.budget // k, "train_seconds": train_s,
-                **_train_heads(bench, st, names, METHODS)}
-        runs = [(m, m, False) for m in METHODS] + [(CLASS_PRIOR, "naive", True)]
+                **_train_heads(bench, st, names, methods(bench.p))}
+        runs = [(m, m, False) for m in methods(bench.p)] + [(CLASS_PRIOR, "naive", True)]
         for col, method, priors in runs:
             res = bench.sample(st, names, f"table1-classes{k}-{col}", weighting=method, labels=bench.labels,
                                class_priors=priors)
@@ -97,10 +97,10 @@ def table1_classes(bench: Bench, paragon: dict) -> dict:
 def two_domain(bench: Bench) -> dict:
     st = bench.two_domain_store()
     names = list(DOMAINS)
-    methods = [m for m in METHODS if m != "single"]  # single has no posterior to read a domain from
-    _train_heads(bench, st, names, methods)
+    weightings = [m for m in METHODS if m != "single"]  # single has no posterior to read a domain from
+    _train_heads(bench, st, names, weightings)
     out, paths = {}, {}
-    for method in methods:
+    for method in weightings:
         res = bench.sample(st, names, f"two-domain-{method}", weighting=method, priors=[1.0, 1.0],
                            n=bench.p.two_domain_n)
         w = res.pop("_trajectory")
@@ -123,17 +123,18 @@ def two_domain(bench: Bench) -> dict:
     return {"two_domain": out}
 
 
-def cost(bench: Bench, table1_detail: dict, classes_detail: dict) -> dict:
+def cost(bench: Bench, table1_detail: dict | None, classes_detail: dict) -> dict:
     """Evaluations, seconds and FID of one compartment, the dense K-way router and sparse gating (router weights
     below a threshold stop being evaluated for that sample): on stratified splits (nothing to prune: the
     posterior is lambda) and on class groups without class priors (the router must find the owner itself);
-    ``prior{K}_classes``: class priors, which leave one compartment per class before the first step."""
+    ``prior{K}_classes``: class priors, which leave one compartment per class before the first step. Without
+    ``table1_detail`` (the stratified table not run) only the class-group rows."""
     k = max(bench.p.splits)
     pick = lambda r: {x: r[x] for x in ("seconds", "evals", "fid")}  # noqa: E731
-    out = {"single": pick(table1_detail[str(k)]["single"])}
-    for store, detail, key, threshold, priors in (
-            (bench.stratified_store, table1_detail, "", bench.p.threshold, True),
-            (bench.class_group_store, classes_detail, "_classes", bench.p.class_threshold, False)):
+    out = {"single": pick((table1_detail or classes_detail)[str(k)]["single"])}
+    settings = [(bench.stratified_store, table1_detail, "", bench.p.threshold, True)] if table1_detail else []
+    settings.append((bench.class_group_store, classes_detail, "_classes", bench.p.class_threshold, False))
+    for store, detail, key, threshold, priors in settings:
         st, names, _ = store(k)
         sparse = bench.sample(st, names, f"cost-sparse{k}{key}-router", weighting="router", labels=bench.labels,
                               threshold=threshold, class_priors=priors)
@@ -216,7 +217,7 @@ def memorization(bench: Bench) -> dict:
         d = torch.cdist(ref, ref)
         d.fill_diagonal_(float("inf"))
         threshold = float(np.percentile(d.min(1).values.numpy(), 5))
-        for method in ("paragon", *(f"table1-k{k}-{m}" for m in METHODS)):
+        for method in ("paragon", *(f"table1-k{k}-{m}" for m in methods(bench.p))):
             images = np.load(bench.out / "samples" / f"{method}.npz")["images"]
             nn_d = torch.cdist(embed(images), ref).min(1).values.numpy()
             key = method.removeprefix(f"table1-k{k}-")

@@ -10,12 +10,14 @@ import numpy as np
 from ..composition.registry import names as weighting_names
 from ..store import Store
 
-__all__ = ["DOMAINS", "METHODS", "PROFILES", "BenchProfile", "class_groups", "selection", "with_overrides"]
+__all__ = ["DOMAINS", "METHODS", "PROFILES", "BenchProfile", "class_groups", "methods", "selection",
+           "with_overrides"]
 
 
 @dataclass(frozen=True)
 class BenchProfile:
-    splits: tuple[int, ...] = (2, 4, 8)  # stratified splits of the protected digits (table 1 rows)
+    splits: tuple[int, ...] = (2, 4, 8)  # table 1 rows: sources the protected digits are split into
+    methods: tuple[str, ...] = ()  # weightings table 1 compares (empty: every one the registry offers)
     budget: int = 1600  # paragon optimiser steps; each of K compartments gets budget // K (batch 64 throughout)
     n_prompts: int = 8  # prompts per block (compartments and paragon alike)
     head_steps: int = 300  # steps for the router and for each isolated head
@@ -49,6 +51,14 @@ METHODS = tuple(weighting_names())  # table 1 compares every weighting the regis
 DOMAINS = {  # the two-domain parts' sources: digits 0-4 and 5-9
     "low": "mnist/protected/classes[0-4|5-9]-0", "high": "mnist/protected/classes[0-4|5-9]-1",
 }
+
+
+def methods(profile: BenchProfile) -> tuple[str, ...]:
+    """The weightings a run's tables compare: the profile's, in registry order, else all of them."""
+    unknown = [m for m in profile.methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
+    return tuple(m for m in METHODS if m in profile.methods) if profile.methods else METHODS
 
 
 def class_groups(k: int, classes: int = 10) -> list[list[int]]:

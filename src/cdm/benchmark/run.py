@@ -15,7 +15,7 @@ from .bench import Bench
 from .cache import PartCache
 from .parts import PARTS
 from .plots import plot_table1
-from .profiles import PROFILES, BenchProfile, selection
+from .profiles import PROFILES, BenchProfile, methods, selection
 from .report import report, where_ran
 
 __all__ = ["run_bench"]
@@ -25,8 +25,8 @@ def run_bench(profile: str | BenchProfile, out: str | Path, *, backbone: str | P
               parts: tuple[str, ...] = PARTS, progress: bool = False, meta: dict | None = None,
               device: str = "cpu") -> dict:
     """Run (or resume) the benchmark; returns the merged results, also written to ``out/results.json`` and
-    ``out/report.md``. ``device`` runs the backbone's transformer there (``"cuda"``); all else stays on the
-    CPU (see ``UViT.forward``)."""
+    ``out/report.md``. ``device``: where training, sampling, weightings and attribution run (``"cuda"``); the
+    judge and FID stay on the CPU."""
     name = profile if isinstance(profile, str) else "custom"
     if isinstance(profile, str):
         if profile not in PROFILES:
@@ -35,6 +35,7 @@ def run_bench(profile: str | BenchProfile, out: str | Path, *, backbone: str | P
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         raise ValueError(f"unknown parts {unknown}; known: {', '.join(PARTS)}")
+    methods(profile)  # unknown weightings: ValueError naming the known ones
     if profile.n % 10 or profile.continual_n % 10:
         raise ValueError("n and continual_n must be multiples of 10 (class-balanced samples)")
     out = Path(out)
@@ -53,8 +54,9 @@ def run_bench(profile: str | BenchProfile, out: str | Path, *, backbone: str | P
         "table1": lambda: part_fns.table1(bench, need("paragon")["paragon"]),
         "two_domain": lambda: part_fns.two_domain(bench),
         "table1_classes": lambda: part_fns.table1_classes(bench, need("paragon")["paragon"]),
-        "cost": lambda: part_fns.cost(bench, need("table1")["table1_detail"],
-                                      need("table1_classes")["table1_classes_detail"]),
+        # the stratified rows need table 1 (run or cached); without it, the class-group rows alone
+        "cost": lambda: part_fns.cost(bench, need("table1")["table1_detail"] if "table1" in parts or "table1" in
+                                      need.done else None, need("table1_classes")["table1_classes_detail"]),
         "unconditional": lambda: part_fns.unconditional(bench),
         "continual": lambda: part_fns.continual(bench),
         "forget": lambda: part_fns.forget(bench, need("paragon")["paragon"]["train_seconds"]),

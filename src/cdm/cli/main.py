@@ -119,6 +119,15 @@ def _device(name: str) -> str:
     return name
 
 
+def _device_option():
+    return typer.Option("cpu", help="Where to run: cpu (the bit-exact reference), cuda, cuda:1 ...")
+
+
+def _on(bb, device: str):
+    """The backbone moved to ``device``: training, sampling, weightings and attribution follow it there."""
+    return bb if device == "cpu" else bb.to(_device(device))
+
+
 def _command() -> str:
     return "cdm " + shlex.join(sys.argv[1:])
 
@@ -212,6 +221,7 @@ def sample(
     bf16: bool = typer.Option(False, help="bfloat16 autocast for the denoiser."),
     sparse: float = typer.Option(0.0, help="Stop evaluating a source for a sample once its weight < this."),
     threads: int | None = _threads_option(),
+    device: str = _device_option(),
 ) -> None:
     """Draw images from the backbone, one compartment, or a composition of compartments (PNG grid + .npz)."""
     import io as _io
@@ -237,6 +247,7 @@ def sample(
     st = _open_store(store) if store is not None else None
     try:
         bb = store_backbone(st, backbone) if st is not None else Backbone.from_pretrained(backbone or DEFAULT_BACKBONE)
+        bb = _on(bb, device)
         if n is None and bb.config.num_classes <= 0:  # an unconditional backbone has no classes: per_class images
             if wanted:
                 raise CdmError("--classes: this backbone is unconditional (it has no classes); use --n")
@@ -406,8 +417,12 @@ def bench(
                                          "domain gap to learn; emoji the dataset's)."),
     classifier: Path | None = typer.Option(None, help="Judge directory (default: the dataset's shipped one)."),
     threads: int | None = _threads_option(),
-    device: str = typer.Option("cpu", help="Where the backbone's transformer runs: cpu, cuda, cuda:1 ..."),
+    device: str = _device_option(),
     latent: bool = _latent_option(),
+    splits: str | None = typer.Option(None, help="digits: comma-separated source counts of the tables' rows "
+                                      "(default: the profile's, 2,4,8); another value makes a custom profile."),
+    methods: str | None = typer.Option(None, help="digits: comma-separated weightings the tables compare "
+                                       "(default: all); another value makes a custom profile."),
 ) -> None:
     """The benchmark on the embedded data: results.json, report.md, plots, sample sets."""
     name = _value(dataset)
@@ -428,7 +443,19 @@ def bench(
 
     out = out or Path("out/bench")
     chosen = PARTS if parts == "all" else tuple(p.strip() for p in parts.split(",") if p.strip())
-    res = run_bench(_value(profile), out, backbone=backbone, classifier=classifier, parts=chosen, progress=False,
+    prof = _value(profile)
+    if splits is not None or methods is not None:
+        from ..benchmark import PROFILES, with_overrides
+
+        try:
+            ks = None if splits is None else tuple(int(k) for k in splits.split(",") if k.strip())
+        except ValueError:
+            raise CdmError(f"--splits: expected comma-separated integers, got {splits!r}") from None
+        if ks is not None and (not ks or min(ks) < 1):
+            raise CdmError(f"--splits: expected positive integers, got {splits!r}")
+        ms = None if methods is None else tuple(m.strip() for m in methods.split(",") if m.strip())
+        prof = with_overrides(PROFILES[prof], splits=ks, methods=ms)
+    res = run_bench(prof, out, backbone=backbone, classifier=classifier, parts=chosen, progress=False,
                     meta={"command": _command()}, device=_device(device))
     console.print(f"{res['meta']['wall_seconds']:.0f} s of parts; report -> {out / 'report.md'}")
 
@@ -485,6 +512,7 @@ def add(
     backbone: Path | None = _backbone_option(),
     max_minutes: float | None = typer.Option(None, help="Pause after a checkpoint; run again to resume."),
     threads: int | None = _threads_option(),
+    device: str = _device_option(),
     dp_epsilon: float | None = typer.Option(None, help="Train with DP-SGD to this epsilon (sample-level; "
                                                         "--batch-size is then the expected Poisson batch)."),
     dp_delta: float | None = typer.Option(None, help="DP delta (default min(1/N, 1e-5))."),
@@ -526,7 +554,8 @@ def add(
         check_add(bb, source, name=name, cfg=cfg, dp=dp)  # nothing is written before this passes
         st = Store.create(store, backbone_hash=bb.hash, backbone_ref=bb.ref)
     with st:
-        out = add_source(st, bb, source, name=name, cfg=cfg, tags=tag_list, max_minutes=max_minutes, dp=dp)
+        out = add_source(st, _on(bb, device), source, name=name, cfg=cfg, tags=tag_list, max_minutes=max_minutes,
+                         dp=dp)
     rec = out.record
     if not out.finished:
         console.print(f"paused at step {rec.steps_done}/{steps}; run the same command to resume")
@@ -541,6 +570,239 @@ def add(
                       f"sample rate {d['sample_rate']:.4f}, {d['steps']} steps, augmult {d['augmult']}")
 
 
+# ----------------------------------------------------------------------------------------------- scale-out
+Executor = _choices("Executor", ("ray", "sequential"))
+TaskDevice = _choices("TaskDevice", ("auto", "cpu", "cuda"))
+ManyHeads = _choices("ManyHeads", ("none", "isolated", "router", "classifier"))
+
+
+def _dp_option(dp_epsilon, dp_delta, dp_clip, dp_augmult, dp_accountant):
+    if dp_epsilon is None:
+        return None
+    from ..privacy import DPConfig
+
+    return DPConfig(epsilon=dp_epsilon, delta=dp_delta, max_grad_norm=dp_clip, augmult=dp_augmult,
+                    accountant=_value(dp_accountant))
+
+
+def _named_specs(specs: list[str] | None, specs_file: Path | None) -> list[tuple[str, str]]:
+    from ..scale.many import parse_named_spec
+
+    args = list(specs or [])
+    if specs_file is not None:
+        if not specs_file.is_file():
+            raise CdmError(f"--specs-file {specs_file}: no such file")
+        args += [ln.strip() for ln in specs_file.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    if not args:
+        raise CdmError("give sources as NAME=SPEC arguments (or --specs-file)")
+    named = [parse_named_spec(a) for a in args]
+    names = [n for n, _ in named]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise CdmError(f"source names given twice: {', '.join(dupes)}")
+    return named
+
+
+@app.command("add-many")
+def add_many_cmd(
+    specs: list[str] | None = typer.Argument(None, help="Sources as NAME=SPEC (e.g. s0=mnist/protected/strat8-0); "
+                                             "every one gets the options below."),
+    store: Path = typer.Option(..., help="Compartment store directory (created if missing, with this backbone)."),
+    specs_file: Path | None = typer.Option(None, help="A file of NAME=SPEC lines (blank lines and # comments "
+                                           "skipped), added to the arguments."),
+    executor: Executor = typer.Option("ray", help="ray: compartments as Ray tasks (an embedded Ray on this machine, "
+                                      "or --ray-address); sequential: one after another in this process."),
+    workers: int | None = typer.Option(None, help="CPUs of the embedded Ray (default: all of this machine's); "
+                                       "jobs at once = workers / threads."),
+    ray_address: str | None = typer.Option(None, help="An existing Ray cluster (HOST:PORT of its head; see "
+                                           "docs/scale.md) instead of an embedded one."),
+    threads: int = typer.Option(1, help="torch threads per job (and Ray CPUs per task). Bit-identical results need "
+                                "equal thread counts: `cdm add --threads` the same."),
+    device: TaskDevice = typer.Option("auto", help="auto: a GPU per task when the cluster (ray) or this machine "
+                                      "(sequential) has one; cpu: the bit-exact reference; cuda."),
+    gpus_per_task: float | None = typer.Option(None, help="GPUs a task asks for on cuda (default 1; 0.25: four "
+                                               "tasks share one)."),
+    max_retries: int = typer.Option(3, help="Re-runs of a task whose worker process died (killed, lost node)."),
+    skip_existing: bool = typer.Option(False, help="Skip names whose stored compartment has the same content and "
+                                       "config (resume an interrupted run); others already stored are refused."),
+    heads: ManyHeads = typer.Option("none", help="Also train heads after the compartments: isolated (one per "
+                                    "source, as more jobs), router or classifier (joint, by this process)."),
+    head_steps: int = typer.Option(500, help="Optimiser steps of each head."),
+    core: str | None = typer.Option(None, help="--heads isolated: PUBLIC images the heads contrast each source "
+                                    "with (default: the public digits)."),
+    tags: str = typer.Option("", help="Comma-separated access tags of every source."),
+    steps: int = typer.Option(_CC.steps, help="Optimiser steps."),
+    prompts: int = typer.Option(_CC.n_prompts, help="Prompt tokens per block (P)."),
+    unconditional: bool = typer.Option(False, help="One prompt set instead of one per class."),
+    text: bool = typer.Option(False, help="Condition on the sources' captions (see `cdm add --help`)."),
+    adapters: int = typer.Option(0, help="Rank of parallel FFN adapters in every block (0: prompts only)."),
+    batch_size: int = typer.Option(_CC.batch_size, help="Samples per optimiser step."),
+    lr: float = typer.Option(_CC.lr, help="Learning rate (Adam, cosine schedule)."),
+    seed: int = typer.Option(_CC.seed, help="Seed of prompts, batches and noise (the same for every source)."),
+    backbone: Path | None = _backbone_option(),
+    dp_epsilon: float | None = typer.Option(None, help="Train every compartment with DP-SGD to this epsilon."),
+    dp_delta: float | None = typer.Option(None, help="DP delta (default min(1/N, 1e-5) per source)."),
+    dp_clip: float = typer.Option(1.0, help="DP per-sample gradient clipping norm."),
+    dp_augmult: int = typer.Option(1, help="DP: (t, noise) draws per sample, averaged before clipping."),
+    dp_accountant: Accountant = typer.Option("rdp", help="DP accountant."),
+    fit_filter: Filter = typer.Option("lanczos", "--filter", help="Resize filter when a source's images differ "
+                                      "from the backbone's (size or channels)."),
+) -> None:
+    """Add many sources at once: every check first, then their compartments trained as parallel jobs (Ray tasks)
+    while this process stores each result (the store's only writer)."""
+    from ..backbone import Backbone
+    from ..data import load_source
+    from ..operations import check_add, store_backbone
+    from ..scale.executor import ExecutorConfig
+    from ..scale.many import add_many
+    from ..store import REGISTRY_NAME, Store
+
+    named = _named_specs(specs, specs_file)
+    cfg = _compartment_config(steps, prompts, unconditional, seed, batch_size, lr, text, adapters)
+    dp = _dp_option(dp_epsilon, dp_delta, dp_clip, dp_augmult, dp_accountant)
+    ex = ExecutorConfig(executor=_value(executor), workers=workers, address=ray_address, threads=threads,
+                        device=_value(device), gpus_per_task=gpus_per_task, max_retries=max_retries)
+    head_cfg = None
+    if _value(heads) != "none":
+        from ..composition import HeadConfig
+
+        head_cfg = HeadConfig(steps=head_steps, seed=seed)
+    tag_list = tuple(t for t in tags.split(",") if t)
+    exists = (store / REGISTRY_NAME).is_file()
+    st = Store.open(store) if exists else None
+    try:
+        bb = store_backbone(st, backbone) if st is not None else Backbone.from_pretrained(backbone or DEFAULT_BACKBONE)
+        sources = []
+        for name, spec in named:  # every source loaded, fitted and checked before anything is written
+            source = _fit_to(bb, load_source(spec), fit_filter)
+            check_add(bb, source, name=name, cfg=cfg, dp=dp)
+            sources.append((name, source))
+        core_source = _fit_to(bb, load_source(core), fit_filter) if core else None
+        if st is None:
+            st = Store.create(store, backbone_hash=bb.hash, backbone_ref=bb.ref)
+        out = add_many(st, bb, sources, cfg=cfg, ex=ex, dp=dp, tags=tag_list, skip_existing=skip_existing,
+                       heads=_value(heads), head_cfg=head_cfg, core=core_source)
+    finally:
+        if st is not None:
+            st.close()
+    for run in out.runs:
+        retried = {k: v - 1 for k, v in run.attempts.items() if v > 1}
+        console.print(f"{run.executor} ({run.device}, {run.parallel} at once): {len(run.done)} job(s) in "
+                      f"{run.seconds:.1f} s" + (f"; retried {retried}" if retried else ""))
+    for name, rec in out.records.items():
+        console.print(f"compartment '{name}': {rec.source['n']} samples, {rec.steps_done} steps, "
+                      f"{rec.wall_seconds:.1f} s, loss {rec.final_loss:.4f}, weights "
+                      f"{out.stored[name].weights_sha256[:12]}" + _learned_note(rec))
+    for cid, c in out.heads.items():
+        console.print(f"{c.kind} '{cid}' stored")
+    if out.skipped:
+        console.print(f"skipped (already stored with the same content and config): {', '.join(out.skipped)}")
+    if out.failures:
+        raise CdmError(f"{len(out.failures)} job(s) failed (their sources stay incomplete; rerun with "
+                       "--skip-existing to finish): " + "; ".join(f"{k}: {v}" for k, v in out.failures.items()))
+
+
+@app.command("train-compartment")
+def train_compartment_cmd(
+    spec: str = typer.Argument(..., help="Source: a folder, an .npz, mnist/protected/strat8-0 ... (see cdm.data)."),
+    out: Path = typer.Option(..., help="New bundle directory (must not exist or be empty): prompts.safetensors + "
+                             "manifest.json, written atomically."),
+    backbone: Path | None = typer.Option(None, help="Backbone directory or shipped:NAME: the one of the store the "
+                                         "bundle is for (its hash is checked on import). Default: the shipped one."),
+    steps: int = typer.Option(_CC.steps, help="Optimiser steps."),
+    prompts: int = typer.Option(_CC.n_prompts, help="Prompt tokens per block (P)."),
+    unconditional: bool = typer.Option(False, help="One prompt set instead of one per class."),
+    text: bool = typer.Option(False, help="Condition on the source's captions (see `cdm add --help`)."),
+    adapters: int = typer.Option(0, help="Rank of parallel FFN adapters in every block (0: prompts only)."),
+    batch_size: int = typer.Option(_CC.batch_size, help="Samples per optimiser step."),
+    lr: float = typer.Option(_CC.lr, help="Learning rate (Adam, cosine schedule)."),
+    seed: int = typer.Option(_CC.seed, help="Seed of prompts, batches and noise (training is deterministic)."),
+    threads: int | None = _threads_option(),
+    dp_epsilon: float | None = typer.Option(None, help="Train with DP-SGD to this epsilon (the bundle carries the "
+                                            "accounting)."),
+    dp_delta: float | None = typer.Option(None, help="DP delta (default min(1/N, 1e-5))."),
+    dp_clip: float = typer.Option(1.0, help="DP per-sample gradient clipping norm."),
+    dp_augmult: int = typer.Option(1, help="DP: (t, noise) draws per sample, averaged before clipping."),
+    dp_accountant: Accountant = typer.Option("rdp", help="DP accountant."),
+    fit_filter: Filter = typer.Option("lanczos", "--filter", help="Resize filter when the source's images differ "
+                                      "from the backbone's (size or channels)."),
+) -> None:
+    """Train a compartment where the data lives, with no store: a bundle to send for `cdm import` (the data never
+    leaves this machine; the bundle holds the prompts, the sample hashes and the training record)."""
+    from ..backbone import Backbone
+    from ..data import load_source
+    from ..operations.sources import check_trainable, train_source
+    from ..scale.bundle import write_bundle
+
+    _threads(threads)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CdmError(f"--out {out}: exists and is not an empty directory; pick a new one")
+    cfg = _compartment_config(steps, prompts, unconditional, seed, batch_size, lr, text, adapters)
+    dp = _dp_option(dp_epsilon, dp_delta, dp_clip, dp_augmult, dp_accountant)
+    bb = Backbone.from_pretrained(backbone or DEFAULT_BACKBONE)
+    source = _fit_to(bb, load_source(spec), fit_filter)
+    check_trainable(bb, source, cfg=cfg, dp=dp)
+    comp, record = train_source(bb, source, cfg, dp)
+    manifest = write_bundle(out, bb, source, comp.tensors(), record, command=_command())
+    console.print(f"bundle of {spec}: {len(source)} samples, {record.steps_done} steps, {record.wall_seconds:.1f} s, "
+                  f"loss {record.final_loss:.4f}, weights {manifest['weights_sha256'][:12]}, backbone "
+                  f"{bb.hash[:12]} -> {out}" + _learned_note(record)
+                  + (f"; DP epsilon {record.dp['epsilon']:.3f}" if record.dp else ""))
+
+
+@app.command("import")
+def import_cmd(
+    bundle: Path = typer.Argument(..., help="A bundle directory from `cdm train-compartment`."),
+    store: Path = typer.Option(..., help="Compartment store (created if missing, with --backbone)."),
+    name: str = typer.Option(..., help="Name of the source in the store. An imported source of that name is "
+                             "re-imported (replaced, e.g. after its owner retrained without some samples)."),
+    tags: str = typer.Option("", help="Comma-separated access tags."),
+    backbone: Path | None = typer.Option(None, help="Backbone directory or shipped:NAME. Default: the store's; for a "
+                                         "new store, the one the bundle names if it is shipped, else the shipped "
+                                         "default. Its hash must be the bundle's."),
+) -> None:
+    """Import a compartment bundle trained elsewhere: its integrity, backbone, config and shapes are checked before
+    anything is written; the store records that it does not hold the source's data."""
+    from ..backbone import Backbone
+    from ..operations import store_backbone
+    from ..scale.bundle import import_bundle, read_bundle
+    from ..store import REGISTRY_NAME, Store, check_source_name
+
+    check_source_name(name)
+    b = read_bundle(bundle)  # integrity first: nothing is opened or created for a bad bundle
+    if (store / REGISTRY_NAME).is_file():
+        st = Store.open(store)
+        try:
+            bb = store_backbone(st, backbone)
+        except BaseException:
+            st.close()
+            raise
+    else:
+        ref = b.manifest.get("backbone_ref")
+        bb = Backbone.from_pretrained(backbone or (ref if isinstance(ref, str) and ref.startswith("shipped:")
+                                                   else DEFAULT_BACKBONE))
+        if bb.hash != b.backbone_hash:
+            raise CdmError(f"bundle {bundle} was trained on backbone {b.backbone_hash[:12]}, not {bb.hash[:12]} "
+                           f"({bb.ref}): pass --backbone with the bundle's backbone")
+        st = None
+    try:
+        if st is None:
+            from ..scale.bundle import check_importable
+
+            check_importable(b, bb)  # shapes and classes too, before the store is created
+            st = Store.create(store, backbone_hash=bb.hash, backbone_ref=bb.ref)
+        out = import_bundle(st, bb, bundle, name=name, tags=tuple(t for t in tags.split(",") if t))
+    finally:
+        if st is not None:
+            st.close()
+    c = out.compartment
+    what = "re-imported" if out.reimport else "imported"
+    console.print(f"{what} '{name}' ({b.source['n']} samples, spec {b.source.get('spec')}, weights "
+                  f"{c.weights_sha256[:12]}); the store does not hold its data"
+                  + (f"; {out.n_removed} sample(s) dropped, {out.n_added} added since the previous bundle"
+                     if out.reimport else ""))
+
+
 @app.command()
 def paragon(
     store: Path = _store_option(),
@@ -549,6 +811,7 @@ def paragon(
                                      "same budget); prompt table, lr and seed are the compartments' own."),
     backbone: Path | None = _backbone_option(),
     threads: int | None = _threads_option(),
+    device: str = _device_option(),
 ) -> None:
     """Train the paragon: one compartment with the same prompt budget on the union of the sources."""
     from ..operations import paragon_config, store_backbone, train_paragon
@@ -556,8 +819,8 @@ def paragon(
     _threads(threads)
     with _open_store(store) as st:
         names = [s for s in sources.split(",") if s] if sources else [s["id"] for s in st.sources()]
-        out = train_paragon(st, store_backbone(st, backbone), cfg=paragon_config(st, names, steps) if names else None,
-                            sources=names)
+        bb = _on(store_backbone(st, backbone), device)
+        out = train_paragon(st, bb, cfg=paragon_config(st, names, steps) if names else None, sources=names)
     rec = out.record
     console.print(f"paragon on {rec.source['n']} samples: {rec.steps_done} steps, {rec.wall_seconds:.1f} s"
                   + _learned_note(rec))
@@ -610,6 +873,8 @@ def sources(store: Path = _store_option()) -> None:
             elif any(c["cid"] == s["id"] and c["kind"] == "compartment" for c in comps):
                 learned = st.compartment(s["id"])["manifest"].get("learned")
                 state = "learnt nothing (= backbone)" if learned is False else "ready"
+                if not s.get("data_held", True):
+                    state += " (imported: data not held)"
             else:
                 state = "no compartment"
             table.add_row(s["id"], str(s["n"]), ",".join(s["tags"]), ", ".join(cids) or "-", state,
@@ -673,6 +938,7 @@ def train_router_cmd(
                                     "each source with (default: the public digits; fitted to the backbone)."),
     backbone: Path | None = _backbone_option(),
     threads: int | None = _threads_option(),
+    device: str = _device_option(),
 ) -> None:
     """Train the heads a learned weighting needs (`cdm sample --weighting router|classifier|isolated`)."""
     from ..composition import HeadConfig
@@ -685,7 +951,7 @@ def train_router_cmd(
     with _open_store(store) as st:
         from ..data import load_source
 
-        for out in train_heads(st, store_backbone(st, backbone), names, kind, cfg=cfg,
+        for out in train_heads(st, _on(store_backbone(st, backbone), device), names, kind, cfg=cfg,
                                core=load_source(core) if core else None):
             c, rec = out.compartment, out.record
             chance = f" (chance {rec['chance']:.3f})" if "chance" in rec else " (vs the public core)"
@@ -863,6 +1129,7 @@ def attribute(
                                      "attributed with the caption-conditioned densities."),
     backbone: Path | None = _backbone_option(),
     threads: int | None = _threads_option(),
+    device: str = _device_option(),
 ) -> None:
     """Credit attribution: generate from a composition and say which sources made each sample (likelihood
     decomposition C_i along the probability-flow ODE, and the time-integrated weights W_i)."""
@@ -881,8 +1148,9 @@ def attribute(
         raise CdmError(f"--priors: expected comma-separated numbers, got {priors!r}") from None
     with _open_store(store) as st:
         captions = [c for c in prompt for _ in range(n)] or None
-        r = attribute_samples(st, store_backbone(st, backbone), names, n=n, seed=seed, steps=steps, probes=probes,
-                              exact=exact, priors=lam, weighting=weighting, density=density, captions=captions)
+        bb = _on(store_backbone(st, backbone), device)
+        r = attribute_samples(st, bb, names, n=n, seed=seed, steps=steps, probes=probes, exact=exact, priors=lam,
+                              weighting=weighting, density=density, captions=captions)
     n = len(r.images)
     write_samples(out, "samples", r.images, None, nrow=min(n, 10))
     per = [{"sample": i, "credit": dict(zip(names, map(float, r.credit[i]), strict=True)),

@@ -131,7 +131,7 @@ def generate_from_store(store: Store | None, backbone: Backbone, sources: list[s
                               null_class=backbone.config.null_class, text=text, null_text=null_text,
                               guidance=guidance, solver=solver, steps=steps, seed=seed, bf16=bf16,
                               batch_size=batch_size, in_chans=backbone.config.in_chans, progress=progress,
-                              trajectories=trajectories)
+                              trajectories=trajectories, device=backbone.device)
     seconds = time.perf_counter() - t0
     weights = None
     if composed is not None:
@@ -176,13 +176,21 @@ def class_counts(store: Store, names: list[str], comps: list[Compartment]) -> np
     for i, n in enumerate(names):
         key = (store.source(n)["content_hash"], counts.shape[1])  # covers images and labels
         if key not in _COUNTS:
-            try:
-                labels = source_data(store, n).labels
-            except StoreError:
-                return None
-            if labels is None:
-                return None
-            _COUNTS[key] = np.bincount(labels, minlength=counts.shape[1])[: counts.shape[1]]
+            imported = store.compartment(n)["manifest"].get("imported")
+            if imported is not None:  # trained where the data lives: the bundle's verified class counts
+                held = imported.get("class_counts")
+                if held is None:
+                    return None
+                classes = store.source(n)["classes"]
+                _COUNTS[key] = np.array([held.get(str(c), 0) for c in classes], dtype=np.int64)[: counts.shape[1]]
+            else:
+                try:
+                    labels = source_data(store, n).labels
+                except StoreError:
+                    return None
+                if labels is None:
+                    return None
+                _COUNTS[key] = np.bincount(labels, minlength=counts.shape[1])[: counts.shape[1]]
         counts[i] = _COUNTS[key]
     return counts
 
