@@ -3,6 +3,7 @@ bank of LoRA compartments equals their separate forwards, config checks, paramet
 (deterministic, resumable, through a store), and a compartment without LoRA is drawn exactly as before."""
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -173,3 +174,27 @@ def test_lora_trains_deterministically_and_round_trips_a_store(backbone, parts, 
         loaded = load_compartment(st, backbone, "a")
     assert loaded.config.lora_rank == 2
     assert all(torch.equal(v, a1.tensors()[k]) for k, v in loaded.tensors().items())
+
+
+def test_dp_and_a_mixed_paragon_refuse_lora_and_the_cli_trains_it(backbone, parts, tmp_path):
+    from typer.testing import CliRunner
+
+    from cdm.cli.main import app
+    from cdm.errors import CdmError
+    from cdm.operations import check_add, paragon_config
+    from cdm.privacy import DPConfig
+
+    with pytest.raises(CdmError, match="adapters and LoRA are not supported"):
+        check_add(backbone, parts[0], name="a", cfg=LORA, dp=DPConfig(epsilon=8.0))
+    with Store.create(tmp_path / "store") as st:
+        add_source(st, backbone, parts[0], name="a", cfg=LORA, progress=False)
+        add_source(st, backbone, parts[1], name="b", cfg=dataclasses.replace(LORA, lora_rank=0), progress=False)
+        with pytest.raises(CdmError, match="LoRA rank"):
+            paragon_config(st, ["a", "b"])
+    backbone.save_pretrained(tmp_path / "bb")
+    res = CliRunner().invoke(app, ["add", "mnist/protected/strat8-0", "--store", str(tmp_path / "cli"), "--name",
+                                   "s", "--steps", "2", "--batch-size", "4", "--prompts", "2", "--lora", "2",
+                                   "--backbone", str(tmp_path / "bb")])
+    assert res.exit_code == 0, res.output
+    with Store.open(tmp_path / "cli") as st:
+        assert load_compartment(st, backbone, "s").config.lora_rank == 2

@@ -423,6 +423,8 @@ def bench(
                                       "(default: the profile's, 2,4,8); another value makes a custom profile."),
     methods: str | None = typer.Option(None, help="digits: comma-separated weightings the tables compare "
                                        "(default: all); another value makes a custom profile."),
+    bf16: bool | None = typer.Option(None, "--bf16/--no-bf16", help="digits: bfloat16 autocast for sampling "
+                                     "(default: the profile's; slower than float32 on CPUs without bf16 units)."),
 ) -> None:
     """The benchmark on the embedded data: results.json, report.md, plots, sample sets."""
     name = _value(dataset)
@@ -444,7 +446,7 @@ def bench(
     out = out or Path("out/bench")
     chosen = PARTS if parts == "all" else tuple(p.strip() for p in parts.split(",") if p.strip())
     prof = _value(profile)
-    if splits is not None or methods is not None:
+    if splits is not None or methods is not None or bf16 is not None:
         from ..benchmark import PROFILES, with_overrides
 
         try:
@@ -454,7 +456,7 @@ def bench(
         if ks is not None and (not ks or min(ks) < 1):
             raise CdmError(f"--splits: expected positive integers, got {splits!r}")
         ms = None if methods is None else tuple(m.strip() for m in methods.split(",") if m.strip())
-        prof = with_overrides(PROFILES[prof], splits=ks, methods=ms)
+        prof = with_overrides(PROFILES[prof], splits=ks, methods=ms, bf16=bf16)
     res = run_bench(prof, out, backbone=backbone, classifier=classifier, parts=chosen, progress=False,
                     meta={"command": _command()}, device=_device(device))
     console.print(f"{res['meta']['wall_seconds']:.0f} s of parts; report -> {out / 'report.md'}")
@@ -467,13 +469,13 @@ def _open_store(path: Path):
 
 
 def _compartment_config(steps: int, prompts: int, unconditional: bool, seed: int, batch_size: int, lr: float,
-                        text: bool = False, adapters: int = 0):
+                        text: bool = False, adapters: int = 0, lora: int = 0):
     from ..compartments import CompartmentConfig
     from ..text import MINILM
 
     return CompartmentConfig(steps=steps, n_prompts=prompts, conditional=not unconditional, seed=seed,
                              batch_size=batch_size, lr=lr, text_encoder=MINILM if text else None,
-                             adapter_rank=adapters)
+                             adapter_rank=adapters, lora_rank=lora)
 
 
 def _fit_to(bb, source, fit_filter):
@@ -506,6 +508,8 @@ def add(
     text: bool = typer.Option(False, help="Condition on the source's captions (all-MiniLM-L6-v2 embeddings -> "
                               "linear -> prompt tokens) instead of classes; sample with --prompt."),
     adapters: int = typer.Option(0, help="Rank of parallel FFN adapters in every block (0: prompts only)."),
+    lora: int = typer.Option(0, help="Rank of LoRA updates of every block's attention and MLP weights (0: none; "
+                             "prompts alone measured best, docs/results.md#compartment-capacity)."),
     batch_size: int = typer.Option(_CC.batch_size, help="Samples per optimiser step."),
     lr: float = typer.Option(_CC.lr, help="Learning rate (Adam, cosine schedule)."),
     seed: int = typer.Option(_CC.seed, help="Seed of prompts, batches and noise (training is deterministic)."),
@@ -530,7 +534,7 @@ def add(
 
     _threads(threads)
     check_source_name(name)  # before anything is read or written
-    cfg = _compartment_config(steps, prompts, unconditional, seed, batch_size, lr, text, adapters)
+    cfg = _compartment_config(steps, prompts, unconditional, seed, batch_size, lr, text, adapters, lora)
     dp = None
     if dp_epsilon is not None:
         from ..privacy import DPConfig
@@ -636,6 +640,8 @@ def add_many_cmd(
     unconditional: bool = typer.Option(False, help="One prompt set instead of one per class."),
     text: bool = typer.Option(False, help="Condition on the sources' captions (see `cdm add --help`)."),
     adapters: int = typer.Option(0, help="Rank of parallel FFN adapters in every block (0: prompts only)."),
+    lora: int = typer.Option(0, help="Rank of LoRA updates of every block's attention and MLP weights (0: none; "
+                             "prompts alone measured best, docs/results.md#compartment-capacity)."),
     batch_size: int = typer.Option(_CC.batch_size, help="Samples per optimiser step."),
     lr: float = typer.Option(_CC.lr, help="Learning rate (Adam, cosine schedule)."),
     seed: int = typer.Option(_CC.seed, help="Seed of prompts, batches and noise (the same for every source)."),
@@ -658,7 +664,7 @@ def add_many_cmd(
     from ..store import REGISTRY_NAME, Store
 
     named = _named_specs(specs, specs_file)
-    cfg = _compartment_config(steps, prompts, unconditional, seed, batch_size, lr, text, adapters)
+    cfg = _compartment_config(steps, prompts, unconditional, seed, batch_size, lr, text, adapters, lora)
     dp = _dp_option(dp_epsilon, dp_delta, dp_clip, dp_augmult, dp_accountant)
     ex = ExecutorConfig(executor=_value(executor), workers=workers, address=ray_address, threads=threads,
                         device=_value(device), gpus_per_task=gpus_per_task, max_retries=max_retries)
@@ -714,6 +720,8 @@ def train_compartment_cmd(
     unconditional: bool = typer.Option(False, help="One prompt set instead of one per class."),
     text: bool = typer.Option(False, help="Condition on the source's captions (see `cdm add --help`)."),
     adapters: int = typer.Option(0, help="Rank of parallel FFN adapters in every block (0: prompts only)."),
+    lora: int = typer.Option(0, help="Rank of LoRA updates of every block's attention and MLP weights (0: none; "
+                             "prompts alone measured best, docs/results.md#compartment-capacity)."),
     batch_size: int = typer.Option(_CC.batch_size, help="Samples per optimiser step."),
     lr: float = typer.Option(_CC.lr, help="Learning rate (Adam, cosine schedule)."),
     seed: int = typer.Option(_CC.seed, help="Seed of prompts, batches and noise (training is deterministic)."),
@@ -737,7 +745,7 @@ def train_compartment_cmd(
     _threads(threads)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CdmError(f"--out {out}: exists and is not an empty directory; pick a new one")
-    cfg = _compartment_config(steps, prompts, unconditional, seed, batch_size, lr, text, adapters)
+    cfg = _compartment_config(steps, prompts, unconditional, seed, batch_size, lr, text, adapters, lora)
     dp = _dp_option(dp_epsilon, dp_delta, dp_clip, dp_augmult, dp_accountant)
     bb = Backbone.from_pretrained(backbone or DEFAULT_BACKBONE)
     source = _fit_to(bb, load_source(spec), fit_filter)

@@ -199,8 +199,8 @@ def check_trainable(backbone: Backbone, source: Source, *, cfg: CompartmentConfi
         raise CdmError(f"{source.id}: its images are {source.spec}, the backbone takes {backbone.codec.spec}: fit "
                        "them first (cdm.data.fit; `cdm add` does it and says so)")
     check_source_fits(source, Compartment.for_backbone(backbone, cfg))
-    if dp is not None and (cfg.text or cfg.adapter_rank):
-        raise CdmError("DP-SGD trains prompt tables only: text-conditioned compartments and adapters are not "
+    if dp is not None and (cfg.text or cfg.adapter_rank or cfg.lora_rank):
+        raise CdmError("DP-SGD trains prompt tables only: text-conditioned compartments, adapters and LoRA are not "
                        "supported with --dp yet")
     if dp is not None:
         _calibrate(dp.epsilon, dp.delta_for(len(source)), cfg.batch_size / len(source), cfg.steps, dp.accountant)
@@ -342,11 +342,12 @@ def paragon_config(store: Store, names: list[str], steps: int | None = None) -> 
     their steps added up (the same budget as the compartments together) unless ``steps`` is given. Refused when
     the compartments were trained with different prompt tables (no single paragon matches them)."""
     cfgs = [CompartmentConfig.from_dict(store.compartment(n)["manifest"]["config"]) for n in names]
-    shapes = {(c.n_prompts, c.conditional, c.gated, str(c.text_encoder), c.text_tokens, c.adapter_rank) for c in cfgs}
+    shapes = {(c.n_prompts, c.conditional, c.gated, str(c.text_encoder), c.text_tokens, c.adapter_rank, c.lora_rank)
+              for c in cfgs}
     if len(shapes) > 1:
         raise CdmError(f"the compartments of {', '.join(names)} have different prompt tables (n_prompts, "
-                       f"conditional, gated, text encoder, text tokens, adapter rank: {sorted(shapes)}): no paragon "
-                       "has the same budget")
+                       f"conditional, gated, text encoder, text tokens, adapter rank, LoRA rank: {sorted(shapes)}): "
+                       "no paragon has the same budget")
     from dataclasses import replace
 
     return replace(cfgs[0], steps=steps if steps is not None else sum(c.steps for c in cfgs))

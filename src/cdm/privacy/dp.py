@@ -174,9 +174,9 @@ def _train(backbone: Backbone, source: Source, cfg: CompartmentConfig, dp: DPCon
            inputs: torch.Tensor | None = None):
     from opacus import GradSampleModule
 
-    if cfg.text or cfg.adapter_rank:
-        raise TrainingError("DP-SGD trains prompt tables only: text-conditioned compartments and adapters are not "
-                            "supported with DP yet")
+    if cfg.text or cfg.adapter_rank or cfg.lora_rank:
+        raise TrainingError("DP-SGD trains prompt tables only: text-conditioned compartments, adapters and LoRA are "
+                            "not supported with DP yet")
     lr_at(0, lr=cfg.lr, warmup=cfg.warmup, steps=cfg.steps, schedule=cfg.lr_schedule)
     backbone.freeze()
     comp = Compartment.for_backbone(backbone, cfg)
