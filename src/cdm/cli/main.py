@@ -468,6 +468,29 @@ def _open_store(path: Path):
     return Store.open(path)
 
 
+# The compartment options `add`, `add-many` and `train-compartment` share: (default, help, extra flag names).
+_COMPARTMENT_OPTIONS = {
+    "steps": (_CC.steps, "Optimiser steps."),
+    "prompts": (_CC.n_prompts, "Prompt tokens per block (P)."),
+    "unconditional": (False, "One prompt set instead of one per class."),
+    "adapters": (0, "Rank of parallel FFN adapters in every block (0: prompts only)."),
+    "lora": (0, "Rank of LoRA updates of every block's attention and MLP weights (0: none; prompts alone measured "
+                "best, docs/results.md#compartment-capacity)."),
+    "batch_size": (_CC.batch_size, "Samples per optimiser step."),
+    "lr": (_CC.lr, "Learning rate (Adam, cosine schedule)."),
+    "dp_clip": (1.0, "DP per-sample gradient clipping norm."),
+    "dp_augmult": (1, "DP: (t, noise) draws per sample, averaged before clipping."),
+    "dp_accountant": ("rdp", "DP accountant."),
+    "fit_filter": ("lanczos", "Resize filter when a source's images differ from the backbone's (size or "
+                              "channels).", "--filter"),
+}
+
+
+def _opt(name: str):
+    default, help, *flags = _COMPARTMENT_OPTIONS[name]
+    return typer.Option(default, *flags, help=help)
+
+
 def _compartment_config(steps: int, prompts: int, unconditional: bool, seed: int, batch_size: int, lr: float,
                         text: bool = False, adapters: int = 0, lora: int = 0):
     from ..compartments import CompartmentConfig
@@ -502,16 +525,15 @@ def add(
     store: Path = typer.Option(..., help="Compartment store directory (created if missing, with this backbone)."),
     name: str = typer.Option(..., help="Name of the source in the store (letters, digits, . _ -)."),
     tags: str = typer.Option("", help="Comma-separated access tags."),
-    steps: int = typer.Option(_CC.steps, help="Optimiser steps."),
-    prompts: int = typer.Option(_CC.n_prompts, help="Prompt tokens per block (P)."),
-    unconditional: bool = typer.Option(False, help="One prompt set instead of one per class."),
+    steps: int = _opt("steps"),
+    prompts: int = _opt("prompts"),
+    unconditional: bool = _opt("unconditional"),
     text: bool = typer.Option(False, help="Condition on the source's captions (all-MiniLM-L6-v2 embeddings -> "
                               "linear -> prompt tokens) instead of classes; sample with --prompt."),
-    adapters: int = typer.Option(0, help="Rank of parallel FFN adapters in every block (0: prompts only)."),
-    lora: int = typer.Option(0, help="Rank of LoRA updates of every block's attention and MLP weights (0: none; "
-                             "prompts alone measured best, docs/results.md#compartment-capacity)."),
-    batch_size: int = typer.Option(_CC.batch_size, help="Samples per optimiser step."),
-    lr: float = typer.Option(_CC.lr, help="Learning rate (Adam, cosine schedule)."),
+    adapters: int = _opt("adapters"),
+    lora: int = _opt("lora"),
+    batch_size: int = _opt("batch_size"),
+    lr: float = _opt("lr"),
     seed: int = typer.Option(_CC.seed, help="Seed of prompts, batches and noise (training is deterministic)."),
     backbone: Path | None = _backbone_option(),
     max_minutes: float | None = typer.Option(None, help="Pause after a checkpoint; run again to resume."),
@@ -520,11 +542,10 @@ def add(
     dp_epsilon: float | None = typer.Option(None, help="Train with DP-SGD to this epsilon (sample-level; "
                                                         "--batch-size is then the expected Poisson batch)."),
     dp_delta: float | None = typer.Option(None, help="DP delta (default min(1/N, 1e-5))."),
-    dp_clip: float = typer.Option(1.0, help="DP per-sample gradient clipping norm."),
-    dp_augmult: int = typer.Option(1, help="DP: (t, noise) draws per sample, averaged before clipping."),
-    dp_accountant: Accountant = typer.Option("rdp", help="DP accountant."),
-    fit_filter: Filter = typer.Option("lanczos", "--filter", help="Resize filter when the source's images differ "
-                                      "from the backbone's (size or channels)."),
+    dp_clip: float = _opt("dp_clip"),
+    dp_augmult: int = _opt("dp_augmult"),
+    dp_accountant: Accountant = _opt("dp_accountant"),
+    fit_filter: Filter = _opt("fit_filter"),
 ) -> None:
     """Add a data source: register it and train its compartment (no other compartment changes)."""
     from ..backbone import Backbone
@@ -635,24 +656,22 @@ def add_many_cmd(
     core: str | None = typer.Option(None, help="--heads isolated: PUBLIC images the heads contrast each source "
                                     "with (default: the public digits)."),
     tags: str = typer.Option("", help="Comma-separated access tags of every source."),
-    steps: int = typer.Option(_CC.steps, help="Optimiser steps."),
-    prompts: int = typer.Option(_CC.n_prompts, help="Prompt tokens per block (P)."),
-    unconditional: bool = typer.Option(False, help="One prompt set instead of one per class."),
+    steps: int = _opt("steps"),
+    prompts: int = _opt("prompts"),
+    unconditional: bool = _opt("unconditional"),
     text: bool = typer.Option(False, help="Condition on the sources' captions (see `cdm add --help`)."),
-    adapters: int = typer.Option(0, help="Rank of parallel FFN adapters in every block (0: prompts only)."),
-    lora: int = typer.Option(0, help="Rank of LoRA updates of every block's attention and MLP weights (0: none; "
-                             "prompts alone measured best, docs/results.md#compartment-capacity)."),
-    batch_size: int = typer.Option(_CC.batch_size, help="Samples per optimiser step."),
-    lr: float = typer.Option(_CC.lr, help="Learning rate (Adam, cosine schedule)."),
+    adapters: int = _opt("adapters"),
+    lora: int = _opt("lora"),
+    batch_size: int = _opt("batch_size"),
+    lr: float = _opt("lr"),
     seed: int = typer.Option(_CC.seed, help="Seed of prompts, batches and noise (the same for every source)."),
     backbone: Path | None = _backbone_option(),
     dp_epsilon: float | None = typer.Option(None, help="Train every compartment with DP-SGD to this epsilon."),
     dp_delta: float | None = typer.Option(None, help="DP delta (default min(1/N, 1e-5) per source)."),
-    dp_clip: float = typer.Option(1.0, help="DP per-sample gradient clipping norm."),
-    dp_augmult: int = typer.Option(1, help="DP: (t, noise) draws per sample, averaged before clipping."),
-    dp_accountant: Accountant = typer.Option("rdp", help="DP accountant."),
-    fit_filter: Filter = typer.Option("lanczos", "--filter", help="Resize filter when a source's images differ "
-                                      "from the backbone's (size or channels)."),
+    dp_clip: float = _opt("dp_clip"),
+    dp_augmult: int = _opt("dp_augmult"),
+    dp_accountant: Accountant = _opt("dp_accountant"),
+    fit_filter: Filter = _opt("fit_filter"),
 ) -> None:
     """Add many sources at once: every check first, then their compartments trained as parallel jobs (Ray tasks)
     while this process stores each result (the store's only writer)."""
@@ -715,25 +734,23 @@ def train_compartment_cmd(
                              "manifest.json, written atomically."),
     backbone: Path | None = typer.Option(None, help="Backbone directory or shipped:NAME: the one of the store the "
                                          "bundle is for (its hash is checked on import). Default: the shipped one."),
-    steps: int = typer.Option(_CC.steps, help="Optimiser steps."),
-    prompts: int = typer.Option(_CC.n_prompts, help="Prompt tokens per block (P)."),
-    unconditional: bool = typer.Option(False, help="One prompt set instead of one per class."),
+    steps: int = _opt("steps"),
+    prompts: int = _opt("prompts"),
+    unconditional: bool = _opt("unconditional"),
     text: bool = typer.Option(False, help="Condition on the source's captions (see `cdm add --help`)."),
-    adapters: int = typer.Option(0, help="Rank of parallel FFN adapters in every block (0: prompts only)."),
-    lora: int = typer.Option(0, help="Rank of LoRA updates of every block's attention and MLP weights (0: none; "
-                             "prompts alone measured best, docs/results.md#compartment-capacity)."),
-    batch_size: int = typer.Option(_CC.batch_size, help="Samples per optimiser step."),
-    lr: float = typer.Option(_CC.lr, help="Learning rate (Adam, cosine schedule)."),
+    adapters: int = _opt("adapters"),
+    lora: int = _opt("lora"),
+    batch_size: int = _opt("batch_size"),
+    lr: float = _opt("lr"),
     seed: int = typer.Option(_CC.seed, help="Seed of prompts, batches and noise (training is deterministic)."),
     threads: int | None = _threads_option(),
     dp_epsilon: float | None = typer.Option(None, help="Train with DP-SGD to this epsilon (the bundle carries the "
                                             "accounting)."),
     dp_delta: float | None = typer.Option(None, help="DP delta (default min(1/N, 1e-5))."),
-    dp_clip: float = typer.Option(1.0, help="DP per-sample gradient clipping norm."),
-    dp_augmult: int = typer.Option(1, help="DP: (t, noise) draws per sample, averaged before clipping."),
-    dp_accountant: Accountant = typer.Option("rdp", help="DP accountant."),
-    fit_filter: Filter = typer.Option("lanczos", "--filter", help="Resize filter when the source's images differ "
-                                      "from the backbone's (size or channels)."),
+    dp_clip: float = _opt("dp_clip"),
+    dp_augmult: int = _opt("dp_augmult"),
+    dp_accountant: Accountant = _opt("dp_accountant"),
+    fit_filter: Filter = _opt("fit_filter"),
 ) -> None:
     """Train a compartment where the data lives, with no store: a bundle to send for `cdm import` (the data never
     leaves this machine; the bundle holds the prompts, the sample hashes and the training record)."""
