@@ -501,6 +501,15 @@ def _compartment_config(steps: int, prompts: int, unconditional: bool, seed: int
                              adapter_rank=adapters, lora_rank=lora)
 
 
+def _dp_option(dp_epsilon, dp_delta, dp_clip, dp_augmult, dp_accountant):
+    if dp_epsilon is None:
+        return None
+    from ..privacy import DPConfig
+
+    return DPConfig(epsilon=dp_epsilon, delta=dp_delta, max_grad_norm=dp_clip, augmult=dp_augmult,
+                    accountant=_value(dp_accountant))
+
+
 def _fit_to(bb, source, fit_filter):
     """The source's images as the backbone takes them (a note when they had to be resized or converted)."""
     from ..data import fit
@@ -556,12 +565,7 @@ def add(
     _threads(threads)
     check_source_name(name)  # before anything is read or written
     cfg = _compartment_config(steps, prompts, unconditional, seed, batch_size, lr, text, adapters, lora)
-    dp = None
-    if dp_epsilon is not None:
-        from ..privacy import DPConfig
-
-        dp = DPConfig(epsilon=dp_epsilon, delta=dp_delta, max_grad_norm=dp_clip, augmult=dp_augmult,
-                      accountant=_value(dp_accountant))
+    dp = _dp_option(dp_epsilon, dp_delta, dp_clip, dp_augmult, dp_accountant)
     source = load_source(spec)
     tag_list = tuple(t for t in tags.split(",") if t)
     if (store / REGISTRY_NAME).is_file():
@@ -599,15 +603,6 @@ def add(
 Executor = _choices("Executor", ("ray", "sequential"))
 TaskDevice = _choices("TaskDevice", ("auto", "cpu", "cuda"))
 ManyHeads = _choices("ManyHeads", ("none", "isolated", "router", "classifier"))
-
-
-def _dp_option(dp_epsilon, dp_delta, dp_clip, dp_augmult, dp_accountant):
-    if dp_epsilon is None:
-        return None
-    from ..privacy import DPConfig
-
-    return DPConfig(epsilon=dp_epsilon, delta=dp_delta, max_grad_norm=dp_clip, augmult=dp_augmult,
-                    accountant=_value(dp_accountant))
 
 
 def _named_specs(specs: list[str] | None, specs_file: Path | None) -> list[tuple[str, str]]:
